@@ -1,0 +1,225 @@
+"""Adapter checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``, nothing pickled.
+
+Both files are written atomically (temporary file, fsync, rename). The weights file also carries the
+config text in its safetensors metadata, so it is self-describing: if a save was interrupted between
+the two renames, loading notices the stale JSON, warns, and uses the config that matches the weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from ._version import __version__
+from .core import adapter_state_dict, adapters, attach, delete_adapter, load_adapter_state_dict
+from .registry import spec
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT = "peftkit"
+FORMAT_VERSION = 1
+_META_KEY = "peftkit_config"
+_PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, unsafe, or does not fit the model."""
+
+
+def save_adapter(
+    model: nn.Module, directory: str | os.PathLike[str], adapter_names: Sequence[str] | None = None
+) -> Path:
+    """Write the model's adapters (or the named ones) to ``directory``; returns the directory.
+
+    Only adapter parameters and saved modules are stored, never base weights.
+    """
+    methods = adapters(model)
+    names = list(adapter_names) if adapter_names is not None else list(methods)
+    if not names:
+        raise ValueError("the model has no adapters to save; apply one first")
+    unknown = [n for n in names if n not in methods]
+    if unknown:
+        raise KeyError(f"no adapter named {unknown}; the model has {list(methods)}")
+    for name in names:
+        methods[name].before_save(model)
+    entries = [
+        {
+            "name": name,
+            "method": methods[name].name,
+            "active": methods[name].active,
+            "config": methods[name].config.to_dict(),
+            "state": methods[name].extra_state(),
+        }
+        for name in names
+    ]
+    doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "peftkit_version": __version__}
+    text = json.dumps({**doc, "adapters": entries}, indent=2) + "\n"
+    tensors = {k: _to_saveable(t) for k, t in adapter_state_dict(model, names).items()}
+    out = Path(directory)
+    out.mkdir(parents=True, exist_ok=True)
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={_META_KEY: text}))
+    _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    return out
+
+
+def load_adapter(
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_names: Sequence[str] | None = None,
+) -> nn.Module:
+    """Apply the adapters saved in ``directory`` to ``model`` (a fresh base) and load their weights.
+
+    Their saved active/inactive state is restored. On any error nothing is left applied.
+    """
+    doc, tensors = read_checkpoint(directory)
+    entries = doc["adapters"]
+    if adapter_names is not None:
+        missing = sorted(set(adapter_names) - {e["name"] for e in entries})
+        if missing:
+            raise CheckpointError(
+                f"{directory}: no adapter {missing} in {[e['name'] for e in entries]}"
+            )
+        entries = [e for e in entries if e["name"] in adapter_names]
+    applied: list[str] = []
+    try:
+        for entry in entries:
+            method = _build_method(entry)
+            attach(model, method)
+            applied.append(entry["name"])
+        wanted = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in applied}
+        load_adapter_state_dict(model, wanted, applied)
+    except ValueError as err:
+        _roll_back(model, applied)
+        raise CheckpointError(f"{directory}: {err}") from err
+    except BaseException:
+        _roll_back(model, applied)
+        raise
+    for entry in entries:
+        adapters(model)[entry["name"]].set_active(bool(entry.get("active", True)))
+    return model
+
+
+def read_checkpoint(
+    directory: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """The checked config document and the tensors of a peftkit checkpoint directory."""
+    path = Path(directory)
+    _check_directory(path)
+    tensors, meta_text = _read_weights(path / WEIGHTS_NAME)
+    text = meta_text
+    json_path = path / CONFIG_NAME
+    if json_path.exists():
+        json_text = json_path.read_text(encoding="utf-8")
+        if meta_text is not None and json_text != meta_text:
+            warnings.warn(
+                f"{json_path} does not match the config stored in {WEIGHTS_NAME} (an interrupted "
+                "save?); using the one stored with the weights",
+                UserWarning,
+                stacklevel=3,
+            )
+        else:
+            text = json_text
+    if text is None:
+        raise CheckpointError(f"{path}: no {CONFIG_NAME} and no config inside {WEIGHTS_NAME}")
+    return _parse_config(text, path), tensors
+
+
+def _check_directory(path: Path) -> None:
+    if path.is_file():
+        raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds it")
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint directory {path} does not exist")
+    if not (path / WEIGHTS_NAME).exists():
+        pickled = [n for n in _PICKLE_NAMES if (path / n).exists()]
+        if pickled:
+            raise CheckpointError(
+                f"{path / pickled[0]} is a pickle file; peftkit never unpickles (it can run code). "
+                "Convert it to safetensors with code you trust, then load that"
+            )
+        raise CheckpointError(f"{path} holds no {WEIGHTS_NAME}")
+
+
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (safe_open is no dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        raise CheckpointError(
+            f"{path} is truncated or corrupt ({err}); re-save it, or load an earlier checkpoint"
+        ) from err
+    return tensors, meta.get(_META_KEY)
+
+
+def _parse_config(text: str, path: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({err})") from err
+    if isinstance(doc, dict) and "peft_type" in doc:
+        raise CheckpointError(
+            f"{path} is an HF peft checkpoint; load it with peftkit.interop.import_peft(model, dir)"
+        )
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT:
+        raise CheckpointError(f"{path / CONFIG_NAME} is not a peftkit adapter config")
+    if doc.get("format_version", 0) > FORMAT_VERSION:
+        warnings.warn(
+            f"{path} uses checkpoint format {doc['format_version']} (newer than "
+            f"{FORMAT_VERSION}); loading what this version understands",
+            UserWarning,
+            stacklevel=4,
+        )
+    entries = doc.get("adapters")
+    if not isinstance(entries, list) or not entries:
+        raise CheckpointError(f"{path / CONFIG_NAME} lists no adapters")
+    for entry in entries:
+        lacking = [k for k in ("name", "method", "config") if k not in entry]
+        if lacking:
+            raise CheckpointError(f"{path / CONFIG_NAME}: an adapter entry lacks {lacking}")
+    return doc
+
+
+def _build_method(entry: dict[str, Any]) -> Any:
+    entry_spec = spec(entry["method"])
+    config = entry_spec.config_cls.from_dict(entry["config"])
+    method = entry_spec.method_cls(config, entry["name"])
+    method.load_extra_state(entry.get("state") or {})
+    return method
+
+
+def _roll_back(model: nn.Module, applied: list[str]) -> None:
+    for name in reversed(applied):
+        delete_adapter(model, name)
+
+
+def _to_saveable(tensor: torch.Tensor) -> torch.Tensor:
+    # safetensors needs dense, contiguous, unshared CPU storage.
+    return tensor.detach().to("cpu", copy=True).contiguous()
+
+
+def _atomic_write(final: Path, write: Callable[[str], Any]) -> None:
+    """Write via ``write(tmp_path)``, fsync, then rename over ``final``: never a half-written file."""
+    tmp = str(final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        write(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)

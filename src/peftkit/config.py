@@ -1,0 +1,143 @@
+"""Configuration base classes.
+
+Every method's configuration is a frozen, keyword-only dataclass. ``__post_init__`` validates and raises
+a ``ValueError`` that names the fix; it never rewrites a field. Runtime state (AdaLoRA's live ranks, for
+example) lives on the method instance, not here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import warnings
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, ClassVar, TypeVar
+
+C = TypeVar("C", bound="MethodConfig")
+
+ALL_LINEAR = "all-linear"
+
+
+def _check_patterns(name: str, value: object) -> None:
+    if isinstance(value, str) or not isinstance(value, Sequence):
+        raise ValueError(
+            f"{name} must be a list of module names, e.g. {name}=['q_proj'], got {value!r}"
+        )
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{name} entries must be non-empty strings, got {item!r}")
+
+
+def check_positive_int(name: str, value: object) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def check_probability(name: str, value: object) -> None:
+    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+
+
+def check_finite_number(name: str, value: object, *, positive: bool = False) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or (positive and float(value) <= 0):  # type: ignore[arg-type]
+        kind = "a positive finite number" if positive else "a finite number"
+        raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class MethodConfig:
+    """Fields every method shares.
+
+    modules_to_save: modules (name suffixes, or ``re:<regex>`` full matches) trained in full and saved
+        with the adapter, e.g. a freshly initialised task head. Each adapter trains its own copy.
+    """
+
+    modules_to_save: Sequence[str] = ()
+
+    method: ClassVar[str] = ""  # filled in by ``register_method``
+
+    def __post_init__(self) -> None:
+        _check_patterns("modules_to_save", self.modules_to_save)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready field values (sequences become lists)."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls: type[C], data: Mapping[str, Any]) -> C:
+        """Build from JSON data. Unknown keys (from a newer version) are ignored with a warning."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            warnings.warn(
+                f"{cls.__name__}: ignoring unknown keys {unknown} (written by a newer peftkit?)",
+                UserWarning,
+                stacklevel=2,
+            )
+        missing = [
+            f.name
+            for f in dataclasses.fields(cls)
+            if f.name not in data
+            and f.default is dataclasses.MISSING
+            and f.default_factory is dataclasses.MISSING
+        ]
+        if missing:
+            raise ValueError(f"{cls.__name__}: the saved config lacks required keys {missing}")
+        return cls(**{k: _from_json(v) for k, v in data.items() if k in names})
+
+
+@dataclass(frozen=True, kw_only=True)
+class TargetedConfig(MethodConfig):
+    """Fields of methods that wrap selected submodules.
+
+    targets: ``"all-linear"`` (every linear layer except the output head), or a list whose entries are
+        name suffixes (``"q_proj"`` matches ``model.layers.0.self_attn.q_proj``) or ``"re:<regex>"``
+        (a full match against the dotted module name).
+    exclude: entries of the same form; matching modules are never targeted.
+    layers: keep only modules inside these block indices (``model.layers.<i>``, ``transformer.h.<i>``...).
+    layers_pattern: the name of the block list when it is not one of the usual ones.
+    """
+
+    targets: Sequence[str] | str = ALL_LINEAR
+    exclude: Sequence[str] = ()
+    layers: Sequence[int] | None = None
+    layers_pattern: str | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if isinstance(self.targets, str):
+            if self.targets != ALL_LINEAR:
+                raise ValueError(
+                    f"targets={self.targets!r}: pass a list (targets=[{self.targets!r}]) or "
+                    f"{ALL_LINEAR!r}; use 're:<regex>' entries for regular expressions"
+                )
+        else:
+            _check_patterns("targets", self.targets)
+            if not self.targets:
+                raise ValueError("targets is empty: name modules to adapt, or use 'all-linear'")
+        _check_patterns("exclude", self.exclude)
+        if self.layers is not None:
+            bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
+            if bad or isinstance(self.layers, str):
+                raise ValueError(f"layers must be non-negative block indices, got {self.layers!r}")
+        if self.layers_pattern is not None and not self.layers_pattern:
+            raise ValueError("layers_pattern must be a non-empty name such as 'layers'")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    return value
+
+
+def _from_json(value: Any) -> Any:
+    # Sequences come back from JSON as lists; configs store them as tuples so they stay immutable.
+    if isinstance(value, list):
+        return tuple(_from_json(v) for v in value)
+    if isinstance(value, dict):
+        return {k: _from_json(v) for k, v in value.items()}
+    return value

@@ -1,0 +1,286 @@
+"""Model-level operations: apply, switch, merge, unload, adapter tensors and training hooks.
+
+A model carries its adapters in one plain attribute (``model._peftkit``): named ``Method`` instances in
+the order they were applied, plus the ``requires_grad`` flags the base had before the first one. All
+structure lives in the module tree itself (adapter layers wrap modules), so ``model.to()``,
+``copy.deepcopy`` and ``state_dict()`` keep working.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import MethodConfig
+from .methods.base import MergeReport, Method
+from .registry import spec_for_config
+
+STATE_ATTR = "_peftkit"
+_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+@dataclass
+class AdapterState:
+    methods: dict[str, Method] = field(default_factory=dict)
+    base_flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """The user's model inside DistributedDataParallel / torch.compile wrappers."""
+    while True:
+        inner = getattr(model, "_orig_mod", None) or (
+            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None
+        )
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def adapter_state(model: nn.Module) -> AdapterState | None:
+    state = unwrap_model(model).__dict__.get(STATE_ATTR)
+    return state if isinstance(state, AdapterState) else None
+
+
+def _require(model: nn.Module) -> AdapterState:
+    state = adapter_state(model)
+    if state is None or not state.methods:
+        raise ValueError(
+            "the model has no adapters; apply one first, e.g. peftkit.apply_lora(model)"
+        )
+    return state
+
+
+def _method(model: nn.Module, name: str) -> Method:
+    state = _require(model)
+    if name not in state.methods:
+        raise KeyError(f"no adapter named {name!r}; the model has {list(state.methods)}")
+    return state.methods[name]
+
+
+def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
+    """Inject the method ``config`` belongs to into ``model`` in place, as adapter ``adapter_name``.
+
+    The base model is frozen; the new adapter's parameters are trainable and it is active (together
+    with adapters applied before, so methods stack). Returns ``model``.
+    """
+    if not isinstance(config, MethodConfig):
+        raise TypeError(f"config must be a method config such as LoraConfig(...), got {config!r}")
+    return attach(model, spec_for_config(config).method_cls(config, adapter_name))
+
+
+def attach(model: nn.Module, method: Method) -> nn.Module:
+    """Inject an already constructed ``method`` (``apply`` does this; checkpoints restore state first)."""
+    model = unwrap_model(model)
+    state = adapter_state(model)
+    adapter_name = method.adapter_name
+    if not isinstance(adapter_name, str) or not _NAME.match(adapter_name):
+        raise ValueError(f"adapter_name {adapter_name!r} must be letters, digits, '_' or '-'")
+    if state is not None and adapter_name in state.methods:
+        raise ValueError(
+            f"adapter {adapter_name!r} already exists; pass another adapter_name or call "
+            f"peftkit.delete_adapter(model, {adapter_name!r}) first"
+        )
+    created = state is None
+    if state is None:
+        state = AdapterState(base_flags=[(p, p.requires_grad) for p in model.parameters()])
+        model.__dict__[STATE_ATTR] = state
+        for p in model.parameters():
+            p.requires_grad_(False)
+    try:
+        method.inject(model)
+    except BaseException:
+        method.remove(model)
+        if created:
+            _drop_state(model, state)
+        raise
+    state.methods[adapter_name] = method
+    method.set_active(True)
+    return model
+
+
+def adapters(model: nn.Module) -> dict[str, Method]:
+    """The model's adapters by name, in the order they were applied (empty if none)."""
+    state = adapter_state(model)
+    return dict(state.methods) if state else {}
+
+
+def active_adapters(model: nn.Module) -> list[str]:
+    return [name for name, m in adapters(model).items() if m.active]
+
+
+def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
+    """Make exactly ``names`` active; the others stop contributing and stop training."""
+    wanted = [names] if isinstance(names, str) else list(names)
+    state = _require(model)
+    unknown = [n for n in wanted if n not in state.methods]
+    if unknown:
+        raise KeyError(f"no adapter named {unknown}; the model has {list(state.methods)}")
+    for name, method in state.methods.items():
+        if not method.active and name in wanted:
+            _check_not_merged(method)
+        method.set_active(name in wanted)
+
+
+@contextmanager
+def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
+    """Within the block the model computes as its base (adapters skipped, nothing removed)."""
+    state = _require(model)
+    were = {name: m.active for name, m in state.methods.items()}
+    for method in state.methods.values():
+        _check_not_merged(method)
+    try:
+        for method in state.methods.values():
+            method.set_active(False)
+        yield model
+    finally:
+        for name, method in state.methods.items():
+            method.set_active(were[name])
+
+
+def _check_not_merged(method: Method) -> None:
+    if any(layer.merged for layer in method.layers):
+        raise RuntimeError(
+            f"adapter {method.adapter_name!r} is merged into the base weights; "
+            "call peftkit.unmerge(model) first"
+        )
+
+
+def delete_adapter(model: nn.Module, name: str) -> None:
+    """Remove adapter ``name``, restoring exactly the modules that were there before it."""
+    method = _method(model, name)
+    state = _require(model)
+    method.remove(unwrap_model(model))
+    del state.methods[name]
+    if not state.methods:
+        _drop_state(unwrap_model(model), state)
+
+
+def unload(model: nn.Module) -> nn.Module:
+    """Remove every adapter without merging: the original modules, weights and flags come back."""
+    for name in reversed(list(adapters(model))):
+        delete_adapter(model, name)
+    return unwrap_model(model)
+
+
+def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> MergeReport:
+    """Fold active (or the named) adapters into the base weights, keeping the wrappers for ``unmerge``.
+
+    Forward then costs the base's compute only. What cannot be merged stays active and is reported.
+    """
+    return _merge(model, adapter_names, unload=False)
+
+
+def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> MergeReport:
+    """Fold active (or the named) adapters into the weights and remove their layers: a plain model.
+
+    Layers that cannot be merged (non-linear adapters, inactive ones, tied weights) stay; the report
+    lists each with the reason.
+    """
+    return _merge(model, adapter_names, unload=True)
+
+
+def _merge(model: nn.Module, names: Sequence[str] | None, *, unload: bool) -> MergeReport:
+    state = _require(model)
+    inner = unwrap_model(model)
+    chosen = list(names) if names is not None else active_adapters(model)
+    report = MergeReport()
+    for name in chosen:
+        method = _method(model, name)
+        report.extend(method.merge(inner, unload=unload))
+    if unload:
+        for name in [n for n, m in state.methods.items() if m.is_empty()]:
+            del state.methods[name]
+        if not state.methods:
+            _drop_state(inner, state)
+    return report
+
+
+def unmerge(model: nn.Module) -> None:
+    """Undo ``merge``: subtract the folded updates; adapters compute on their own path again."""
+    for method in adapters(model).values():
+        method.unmerge()
+
+
+def _drop_state(model: nn.Module, state: AdapterState) -> None:
+    for p, flag in state.base_flags:
+        p.requires_grad_(flag)
+    model.__dict__.pop(STATE_ATTR, None)
+
+
+# -- tensors ------------------------------------------------------------------------------------
+def adapter_state_dict(
+    model: nn.Module, adapter_names: Sequence[str] | None = None
+) -> dict[str, torch.Tensor]:
+    """Every owned tensor keyed ``<adapter>.<module path>.<local name>`` (live tensors, not copies)."""
+    chosen = list(adapter_names) if adapter_names is not None else list(adapters(model))
+    inner = unwrap_model(model)
+    out: dict[str, torch.Tensor] = {}
+    for name in chosen:
+        for key, tensor in _method(model, name).state_dict(inner).items():
+            out[f"{name}.{key}"] = tensor
+    return out
+
+
+def load_adapter_state_dict(
+    model: nn.Module,
+    tensors: dict[str, torch.Tensor],
+    adapter_names: Sequence[str] | None = None,
+) -> None:
+    """Copy ``tensors`` (as from ``adapter_state_dict``) into the model's (or the named) adapters.
+
+    Missing keys, unexpected keys and shape mismatches raise one error naming every offending tensor;
+    nothing is copied unless everything fits.
+    """
+    chosen = list(adapter_names) if adapter_names is not None else list(adapters(model))
+    own = adapter_state_dict(model, chosen)
+    problems = [f"missing {k}" for k in sorted(own.keys() - tensors.keys())]
+    problems += [f"unexpected {k}" for k in sorted(tensors.keys() - own.keys())]
+    problems += [
+        f"shape of {k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(t.shape)}"
+        for k, t in own.items()
+        if k in tensors and tensors[k].shape != t.shape
+    ]
+    if problems:
+        more = f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
+        raise ValueError(
+            f"adapter tensors do not fit this model ({'; '.join(problems[:10])}{more}); "
+            "was the checkpoint saved from another model?"
+        )
+    inner = unwrap_model(model)
+    for name in chosen:
+        prefix = name + "."
+        mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _method(model, name).load_state_dict(inner, mine)
+
+
+def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """Parameters of the active adapters (what an optimiser should get)."""
+    seen: set[int] = set()
+    out = []
+    for method in adapters(model).values():
+        if method.active:
+            for p in method.parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    out.append(p)
+    return out
+
+
+# -- training hooks -----------------------------------------------------------------------------
+def regularizer(model: nn.Module) -> torch.Tensor | None:
+    """Sum of the active methods' regularisers (e.g. AdaLoRA's orthogonality penalty), or None."""
+    terms = [m.regularizer(unwrap_model(model)) for m in adapters(model).values() if m.active]
+    present = [t for t in terms if t is not None]
+    return torch.stack(present).sum() if present else None
+
+
+def step_hooks(model: nn.Module, step: int) -> None:
+    """Call after each optimiser step (before zero_grad) in a hand-written loop; the Trainer does."""
+    for method in adapters(model).values():
+        if method.active:
+            method.on_step_end(unwrap_model(model), step)

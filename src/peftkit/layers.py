@@ -1,0 +1,150 @@
+"""Adapter layers: wrappers that hold the original module as ``self.base`` and own only their own
+parameters. Several wrappers may stack on one module (one per named adapter); the innermost ``base``
+is always the model's original module, untouched unless a merge folds an update into its weight.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+
+class AdapterLayer(nn.Module):
+    """Base of every wrapper.
+
+    Class attributes a subclass sets:
+        additive: forward is ``base(x) + f(x)`` with ``f`` independent of the base output, so an
+            update further out in a stack can still be folded into the base weight.
+        mergeable: ``delta_weight()`` describes the whole effect of the layer.
+    """
+
+    additive: ClassVar[bool] = False
+    mergeable: ClassVar[bool] = False
+
+    def __init__(self, base: nn.Module, adapter_name: str, path: str) -> None:
+        super().__init__()
+        self.base = base
+        self.adapter_name = adapter_name
+        self.path = path  # dotted name of the wrapped module in the unwrapped model
+        self.active = True
+        self.merged = False
+
+    def __getattr__(self, name: str) -> Any:
+        # Transparent wrapper: model code that reads `self.wo.weight`, `.in_features` or `.nf` of a
+        # module we wrapped finds the original module's attribute (never another adapter's).
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base" or "base" not in self.__dict__.get("_modules", {}):
+                raise
+            return getattr(self.base_layer(), name)
+
+    # -- structure ---------------------------------------------------------------------------
+    def base_layer(self) -> nn.Module:
+        """The model's original module at the bottom of the wrapper stack."""
+        inner = self.base
+        while isinstance(inner, AdapterLayer):
+            inner = inner.base
+        return inner
+
+    def base_weight(self) -> torch.Tensor:
+        """The original module's ``weight``."""
+        weight = getattr(self.base_layer(), "weight", None)
+        if not isinstance(weight, torch.Tensor):
+            raise TypeError(f"{type(self.base_layer()).__name__} at {self.path!r} has no weight tensor")
+        return weight
+
+    def named_adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
+        """Parameters and persistent buffers this layer owns; the base's are excluded by identity."""
+        base_ids = {id(t) for t in self.base.parameters()} | {id(t) for t in self.base.buffers()}
+        for name, p in self.named_parameters():
+            if id(p) not in base_ids:
+                yield name, p
+        for name, b in self.named_buffers():
+            if id(b) not in base_ids and self._is_persistent(name):
+                yield name, b
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        base_ids = {id(p) for p in self.base.parameters()}
+        return (p for p in self.parameters() if id(p) not in base_ids)
+
+    def _is_persistent(self, dotted: str) -> bool:
+        owner_name, _, leaf = dotted.rpartition(".")
+        owner = self.get_submodule(owner_name) if owner_name else self
+        return leaf not in owner._non_persistent_buffers_set
+
+    # -- behaviour ---------------------------------------------------------------------------
+    @property
+    def enabled(self) -> bool:
+        """Whether forward adds this layer's effect (active and not already folded in)."""
+        return self.active and not self.merged
+
+    def delta_weight(self) -> torch.Tensor:
+        """The update this layer adds to ``base_layer().weight``, in that weight's layout."""
+        raise NotImplementedError(f"{type(self).__name__} cannot be merged")
+
+    def merge(self) -> None:
+        """Add ``delta_weight()`` to the base weight; forward then skips the adapter path."""
+        if self.merged:
+            return
+        weight = self.base_weight()
+        with torch.no_grad():
+            weight.add_(self.delta_weight().to(weight.dtype))
+        self.merged = True
+
+    def unmerge(self) -> None:
+        """Subtract what ``merge`` added (exact up to floating-point rounding)."""
+        if not self.merged:
+            return
+        weight = self.base_weight()
+        with torch.no_grad():
+            weight.sub_(self.delta_weight().to(weight.dtype))
+        self.merged = False
+
+    def merged_module(self) -> nn.Module:
+        """What replaces this wrapper in merge-and-unload: the base with the update folded in."""
+        self.merge()
+        return self.base
+
+    def extra_repr(self) -> str:
+        state = "merged" if self.merged else ("active" if self.active else "inactive")
+        return f"adapter={self.adapter_name!r}, {state}"
+
+
+class SavedModule(AdapterLayer):
+    """A module trained in full for one adapter (``modules_to_save``), e.g. a new task head.
+
+    The adapter trains a copy; disabling the adapter gives the original back. Merging replaces the
+    original with the trained copy.
+    """
+
+    mergeable = True
+
+    def __init__(self, base: nn.Module, adapter_name: str, path: str) -> None:
+        super().__init__(base, adapter_name, path)
+        if any(isinstance(m, AdapterLayer) for m in base.modules()):
+            raise ValueError(
+                f"modules_to_save: {path!r} already holds adapter layers; list it in "
+                "modules_to_save of the first adapter applied, or target a module inside it"
+            )
+        self.trained = copy.deepcopy(base)
+        for p in self.trained.parameters():
+            p.requires_grad_(True)
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self.active or self.merged:
+            return self.trained(*args, **kwargs)
+        return self.base(*args, **kwargs)
+
+    def merge(self) -> None:
+        self.merged = True
+
+    def unmerge(self) -> None:
+        self.merged = False
+
+    def merged_module(self) -> nn.Module:
+        return self.trained

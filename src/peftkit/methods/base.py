@@ -1,0 +1,221 @@
+"""What a method is: the object that injects one named adapter into a model and answers for it.
+
+``Method`` is the general interface (injection, owned tensors, merging, hooks). ``SwapMethod`` covers
+the common case of methods that swap selected submodules for wrapping adapter layers: a subclass only
+says which module types it supports and how to wrap one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar
+
+import torch
+from torch import nn
+
+from ..config import MethodConfig, TargetedConfig
+from ..layers import AdapterLayer, SavedModule
+from ..targeting import remove_wrapper, select, select_named, set_module
+
+
+@dataclass
+class MergeReport:
+    """What a merge did: names of layers folded in, and layers left in place with the reason."""
+
+    merged: list[str] = field(default_factory=list)
+    kept: dict[str, str] = field(default_factory=dict)
+
+    def extend(self, other: MergeReport) -> None:
+        self.merged.extend(other.merged)
+        self.kept.update(other.kept)
+
+    def __str__(self) -> str:
+        lines = [f"merged {len(self.merged)} layer(s)"]
+        lines += [f"kept {name}: {why}" for name, why in self.kept.items()]
+        return "\n".join(lines)
+
+
+class Method:
+    """One named adapter of one method on one model.
+
+    Class attributes (``name``/``config_cls`` are set by ``register_method``):
+        starts_at_identity: the model's output is unchanged right after injection.
+    Hooks the training loop calls (override as needed):
+        ``regularizer(model)`` -> a scalar added to the loss, or None;
+        ``on_step_end(model, step)`` after each optimiser step.
+    """
+
+    name: ClassVar[str] = ""
+    config_cls: ClassVar[type[MethodConfig]] = MethodConfig
+    starts_at_identity: ClassVar[bool] = True
+
+    def __init__(self, config: MethodConfig, adapter_name: str) -> None:
+        self.config = config
+        self.adapter_name = adapter_name
+        self.layers: list[AdapterLayer] = []
+        self.active = True
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def inject(self, model: nn.Module) -> None:
+        """Add this adapter to ``model`` (in place). The base stays frozen."""
+        raise NotImplementedError
+
+    def inject_saved_modules(self, model: nn.Module) -> None:
+        """Wrap ``config.modules_to_save`` in trainable copies owned by this adapter."""
+        for path, module in select_named(model, self.config.modules_to_save, "modules_to_save"):
+            layer = SavedModule(module, self.adapter_name, path)
+            set_module(model, path, layer)
+            self.layers.append(layer)
+
+    def remove(self, model: nn.Module) -> None:
+        """Take this adapter out, restoring exactly what was there before ``inject``."""
+        for layer in reversed(self.layers):
+            layer.unmerge()
+            remove_wrapper(model, layer, layer.base)
+        self.layers.clear()
+
+    def is_empty(self) -> bool:
+        """True once nothing of this adapter is left in the model (e.g. after merge-and-unload)."""
+        return not self.layers
+
+    # -- tensors -----------------------------------------------------------------------------
+    def parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters this adapter owns (and trains)."""
+        seen: set[int] = set()
+        for layer in self.layers:
+            for p in layer.adapter_parameters():
+                if id(p) not in seen:
+                    seen.add(id(p))
+                    yield p
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Owned tensors keyed ``<module path>.<local name>``; what a checkpoint stores."""
+        return {
+            f"{layer.path}.{n}": t
+            for layer in self.layers
+            for n, t in layer.named_adapter_tensors()
+        }
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` into the owned tensors (keys and shapes already checked)."""
+        own = self.state_dict(model)
+        with torch.no_grad():
+            for key, value in tensors.items():
+                own[key].copy_(value)
+
+    def extra_state(self) -> dict[str, Any]:
+        """JSON-ready runtime state a checkpoint needs besides the config (e.g. live ranks)."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        """Restore what ``extra_state`` returned; called before ``inject`` on load."""
+
+    def before_save(self, model: nn.Module) -> None:
+        """Check or settle state before a checkpoint is written (raise to refuse the save)."""
+
+    # -- switching ---------------------------------------------------------------------------
+    def set_active(self, active: bool) -> None:
+        self.active = active
+        for layer in self.layers:
+            layer.active = active
+        for p in self.parameters():
+            p.requires_grad_(active)
+
+    # -- merging -----------------------------------------------------------------------------
+    def merge(self, model: nn.Module, *, unload: bool) -> MergeReport:
+        """Fold mergeable layers into the base weights; with ``unload``, drop their wrappers too."""
+        report = MergeReport()
+        tied = _tied_parameter_ids(model)
+        for layer in list(self.layers):
+            reason = merge_blocker(layer, tied)
+            if reason:
+                report.kept[f"{self.adapter_name}:{layer.path}"] = reason
+                continue
+            if unload:
+                remove_wrapper(model, layer, layer.merged_module())
+                self.layers.remove(layer)
+            else:
+                layer.merge()
+            report.merged.append(f"{self.adapter_name}:{layer.path}")
+        return report
+
+    def unmerge(self) -> None:
+        for layer in self.layers:
+            layer.unmerge()
+
+    # -- training hooks ----------------------------------------------------------------------
+    def regularizer(self, model: nn.Module) -> torch.Tensor | None:
+        return None
+
+    def on_step_end(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def describe(self) -> dict[str, Any]:
+        """Extra facts for ``trainable_summary`` (e.g. live ranks)."""
+        return {}
+
+
+class SwapMethod(Method):
+    """A method that replaces each selected module with ``wrap(module, path)``."""
+
+    supported: ClassVar[tuple[type[nn.Module], ...]] = (nn.Linear,)
+    config: TargetedConfig
+
+    def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
+        raise NotImplementedError
+
+    def inject(self, model: nn.Module) -> None:
+        chosen = select(model, self.config, self.supported, method=self.name)
+        for path, module in chosen:
+            layer = self.wrap(module, path)
+            set_module(model, path, layer)
+            self.layers.append(layer)
+        self.inject_saved_modules(model)
+
+
+C = TypeVar("C", bound=MethodConfig)
+
+
+def apply_with(
+    config_cls: type[C],
+    model: nn.Module,
+    config: C | None,
+    adapter_name: str,
+    fields: dict[str, Any],
+) -> nn.Module:
+    """Shared body of the ``apply_<method>`` shortcuts: a config object or its fields, not both."""
+    from ..core import apply
+
+    if config is not None and fields:
+        raise TypeError(f"pass either config= or {config_cls.__name__} fields, not both")
+    if config is not None and not isinstance(config, config_cls):
+        raise TypeError(f"config must be a {config_cls.__name__}, got {type(config).__name__}")
+    return apply(model, config if config is not None else config_cls(**fields), adapter_name)
+
+
+def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
+    """Why ``layer`` cannot be folded into its base weight, or None when it can."""
+    if not layer.mergeable:
+        return f"{type(layer).__name__} is not linear in the base weight; it stays as a layer"
+    if not layer.active:
+        return "adapter is inactive; activate it to merge it"
+    if isinstance(layer, SavedModule):
+        return None
+    inner = layer.base
+    while isinstance(inner, AdapterLayer):
+        if not inner.additive and not inner.merged:
+            return f"sits outside a non-linear {type(inner).__name__}; merging would change outputs"
+        inner = inner.base
+    weight = getattr(inner, "weight", None)
+    if weight is not None and id(weight) in tied:
+        return "its base weight is tied to another module (e.g. input and output embeddings)"
+    return None
+
+
+def _tied_parameter_ids(model: nn.Module) -> set[int]:
+    seen: set[int] = set()
+    tied: set[int] = set()
+    for _, p in model.named_parameters(remove_duplicate=False):
+        (tied if id(p) in seen else seen).add(id(p))
+    return tied

@@ -1,0 +1,238 @@
+"""LoRA: low-rank adaptation (Hu et al., 2021).
+
+W' = W + s * B A, with A: (r, in), B: (out, r) and s = alpha / r (or alpha / sqrt(r) for rsLoRA,
+Kalajdzievski 2023). B starts at zero so the model is unchanged at injection. Supported bases:
+nn.Linear, transformers' Conv1D (weight stored transposed), nn.Embedding and nn.Conv2d.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import TargetedConfig, check_finite_number, check_positive_int, check_probability
+from ..layers import AdapterLayer
+from ..registry import register_method
+from ..targeting import first_match, is_conv1d
+from .base import SwapMethod, apply_with
+
+Init = Literal["kaiming", "gaussian"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class LoraConfig(TargetedConfig):
+    """LoRA settings.
+
+    r: rank of the update.  alpha: scale numerator (s = alpha / r; alpha / sqrt(r) with ``rslora``).
+    dropout: dropout on the adapter path's input (0 adds no op and saves no activation).
+    init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
+    rank_pattern / alpha_pattern: per-module overrides, keyed by target patterns
+        (name suffix or ``re:<regex>``), e.g. ``rank_pattern={"o_proj": 16}``.
+    """
+
+    r: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    rslora: bool = False
+    init: Init = "kaiming"
+    rank_pattern: Mapping[str, int] = field(default_factory=dict)
+    alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("r", self.r)
+        check_finite_number("alpha", self.alpha, positive=True)
+        check_probability("dropout", self.dropout)
+        if self.init not in ("kaiming", "gaussian"):
+            raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
+        if not isinstance(self.rslora, bool):
+            raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
+        for pattern, rank in dict(self.rank_pattern).items():
+            check_positive_int(f"rank_pattern[{pattern!r}]", rank)
+        for pattern, alpha in dict(self.alpha_pattern).items():
+            check_finite_number(f"alpha_pattern[{pattern!r}]", alpha, positive=True)
+
+    def rank_for(self, path: str) -> int:
+        key = first_match(path, self.rank_pattern)
+        return self.r if key is None else int(self.rank_pattern[key])
+
+    def scaling_for(self, path: str) -> float:
+        key = first_match(path, self.alpha_pattern)
+        alpha = self.alpha if key is None else float(self.alpha_pattern[key])
+        rank = self.rank_for(path)
+        return alpha / math.sqrt(rank) if self.rslora else alpha / rank
+
+
+class LoraLayer(AdapterLayer):
+    """Shared state of the LoRA wrappers: factors ``lora_A`` and ``lora_B``, rank, scale, dropout."""
+
+    additive = True
+    mergeable = True
+
+    def __init__(
+        self,
+        base: nn.Module,
+        adapter_name: str,
+        path: str,
+        *,
+        r: int,
+        scaling: float,
+        dropout: float,
+        init: Init = "kaiming",
+    ) -> None:
+        super().__init__(base, adapter_name, path)
+        self.r = r
+        self.scaling = scaling
+        # p=0 must not add an op: nn.Dropout(0) would still run (and on some paths save x).
+        self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        weight = self.base_weight()
+        a_shape, b_shape = self.factor_shapes(self.base_layer())
+        self.lora_A = nn.Parameter(torch.empty(a_shape, device=weight.device, dtype=weight.dtype))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, device=weight.device, dtype=weight.dtype))
+        self.init_factors(init)
+
+    def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """Shapes of A and B for the wrapped module."""
+        raise NotImplementedError
+
+    def init_factors(self, init: Init) -> None:
+        """B = 0 so the layer starts as the identity; A per ``init``."""
+        with torch.no_grad():
+            if init == "gaussian":
+                nn.init.normal_(self.lora_A, std=1.0 / self.r)
+            else:
+                nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+            nn.init.zeros_(self.lora_B)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, r={self.r}, scaling={self.scaling:g}"
+
+
+class LoraLinear(LoraLayer):
+    """y = base(x) + s * B A dropout(x);  x: (..., in), y: (..., out).  A: (r, in), B: (out, r).
+
+    Also wraps transformers' Conv1D, whose weight is stored as (in, out): ``delta_weight`` returns
+    the update in the base weight's own layout.
+    """
+
+    def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        rows, cols = self.base_weight().shape
+        out_f, in_f = (cols, rows) if is_conv1d(inner) else (rows, cols)
+        return (self.r, in_f), (out_f, self.r)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        if not self.enabled:
+            return y
+        h = F.linear(self.dropout(x), self.lora_A)
+        return _add_scaled(y, h, self.lora_B, self.scaling)
+
+    def delta_weight(self) -> torch.Tensor:
+        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        return delta.t() if is_conv1d(self.base_layer()) else delta
+
+
+class LoraEmbedding(LoraLayer):
+    """y = base(ids) + s * A[:, ids]ᵀ Bᵀ;  ids: (...), y: (..., dim).  A: (r, vocab), B: (dim, r).
+
+    The adapter path has no dropout: dropping token ids is meaningless.
+    """
+
+    def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        assert isinstance(inner, nn.Embedding)
+        return (self.r, inner.num_embeddings), (inner.embedding_dim, self.r)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(ids)
+        if not self.enabled:
+            return y
+        return _add_scaled(y, F.embedding(ids, self.lora_A.t()), self.lora_B, self.scaling)
+
+    def delta_weight(self) -> torch.Tensor:
+        return (self.lora_B.float() @ self.lora_A.float()).t() * self.scaling
+
+
+class LoraConv2d(LoraLayer):
+    """y = base(x) + s * conv1x1_B(conv_A(dropout(x))), conv_A with the base's kernel, stride, padding.
+
+    x: (N, in, H, W).  A: (r, in, kh, kw), B: (out, r, 1, 1).
+    """
+
+    def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        assert isinstance(inner, nn.Conv2d)
+        if inner.groups != 1 or inner.padding_mode != "zeros":
+            raise ValueError(
+                f"LoRA on Conv2d {self.path!r} needs groups=1 and padding_mode='zeros'; "
+                "add it to exclude"
+            )
+        kh, kw = inner.kernel_size
+        return (self.r, inner.in_channels, kh, kw), (inner.out_channels, self.r, 1, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y: torch.Tensor = self.base(x)
+        if not self.enabled:
+            return y
+        conv = self.base_layer()
+        assert isinstance(conv, nn.Conv2d)
+        h = F.conv2d(self.dropout(x), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
+        return y + F.conv2d(h, self.lora_B) * self.scaling
+
+    def delta_weight(self) -> torch.Tensor:
+        flat = self.lora_B.float().flatten(1) @ self.lora_A.float().flatten(1)
+        return flat.view(self.lora_B.shape[0], *self.lora_A.shape[1:]) * self.scaling
+
+
+def _add_scaled(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
+    """y + scale * h Bᵀ as one fused kernel on 2-D views (B A is never formed)."""
+    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
+    return out.view(y.shape)
+
+
+@register_method("lora", LoraConfig)
+class Lora(SwapMethod):
+    """Low-rank updates on linear, Conv1D, embedding and 2-D convolution layers."""
+
+    supported = (nn.Linear, nn.Embedding, nn.Conv2d)
+    config: LoraConfig
+
+    def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
+        cfg = self.config
+        inner = module.base_layer() if isinstance(module, AdapterLayer) else module
+        kind: type[LoraLayer] = LoraLinear
+        if isinstance(inner, nn.Embedding):
+            kind = LoraEmbedding
+        elif isinstance(inner, nn.Conv2d):
+            kind = LoraConv2d
+        return kind(
+            module,
+            self.adapter_name,
+            path,
+            r=cfg.rank_for(path),
+            scaling=cfg.scaling_for(path),
+            dropout=cfg.dropout,
+            init=cfg.init,
+        )
+
+    def describe(self) -> dict[str, object]:
+        ranks = {layer.r for layer in self.layers if isinstance(layer, LoraLayer)}
+        return {"rank": sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)}
+
+
+def apply_lora(
+    model: nn.Module,
+    config: LoraConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    **fields: Any,
+) -> nn.Module:
+    """Add LoRA to ``model`` in place and return it: ``apply_lora(model, r=8, targets=["q_proj"])``.
+
+    Takes a ``LoraConfig`` or its fields as keywords. The base is frozen; only LoRA factors train.
+    """
+    return apply_with(LoraConfig, model, config, adapter_name, fields)

@@ -1,0 +1,216 @@
+"""Which submodules a config selects, and how to find and replace modules by their dotted names.
+
+Names are *canonical*: the names of the unwrapped model. Wrappers (adapter layers) are transparent:
+``model.layers.0.q_proj`` names the outermost wrapper at that position, and the walk continues into the
+original module below it but never into an adapter's own parameters or submodules.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from collections.abc import Iterable, Iterator, Sequence
+
+from torch import nn
+
+from .config import ALL_LINEAR, TargetedConfig
+from .layers import AdapterLayer
+
+# Block lists we recognise when ``layers`` is given: model.layers.3, transformer.h.3, encoder.layer.3,
+# encoder.block.3 (T5), blocks.3.
+LAYER_LISTS = ("layers", "h", "layer", "block", "blocks")
+
+
+class TargetError(ValueError):
+    """A config selected no module, or a module the method cannot wrap."""
+
+
+def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """Yield ``(canonical_name, module)``; adapter layers stand in for the module they wrap."""
+    yield prefix, model
+    inner = model.base_layer() if isinstance(model, AdapterLayer) else model
+    for child_name, child in inner.named_children():
+        yield from iter_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
+
+
+def get_module(model: nn.Module, name: str) -> nn.Module:
+    """The (outermost) module at canonical ``name``."""
+    module = model
+    for part in name.split(".") if name else []:
+        inner = module.base_layer() if isinstance(module, AdapterLayer) else module
+        child = inner._modules.get(part)
+        if child is None:
+            raise KeyError(f"model has no submodule {name!r}")
+        module = child
+    return module
+
+
+def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
+    """Put ``new`` at canonical ``name`` (replacing the outermost module there)."""
+    if not name:
+        raise ValueError("cannot replace the root module; wrap one of its submodules")
+    parent_name, _, leaf = name.rpartition(".")
+    parent = get_module(model, parent_name)
+    inner = parent.base_layer() if isinstance(parent, AdapterLayer) else parent
+    setattr(inner, leaf, new)
+
+
+def remove_wrapper(model: nn.Module, layer: AdapterLayer, replacement: nn.Module) -> None:
+    """Take ``layer`` out of its stack, putting ``replacement`` where it was."""
+    outer = get_module(model, layer.path)
+    if outer is layer:
+        set_module(model, layer.path, replacement)
+        return
+    while isinstance(outer, AdapterLayer):
+        if outer.base is layer:
+            outer.base = replacement
+            return
+        outer = outer.base
+    raise ValueError(
+        f"adapter layer {layer.adapter_name!r} is no longer in the model at {layer.path!r}"
+    )
+
+
+def matches(name: str, pattern: str) -> bool:
+    """``re:<regex>`` is a full match on the dotted name; anything else matches a name suffix."""
+    if pattern.startswith("re:"):
+        return re.fullmatch(pattern[3:], name) is not None
+    return name == pattern or name.endswith("." + pattern)
+
+
+def first_match(name: str, patterns: Iterable[str]) -> str | None:
+    return next((p for p in patterns if matches(name, p)), None)
+
+
+def layer_index(name: str, layers_pattern: str | None = None) -> int | None:
+    """Index of the block ``name`` lives in (``model.layers.3.mlp`` -> 3), or None."""
+    lists = (layers_pattern,) if layers_pattern else LAYER_LISTS
+    alternatives = "|".join(re.escape(n) for n in lists)
+    found = re.search(rf"(?:^|\.)(?:{alternatives})\.(\d+)(?:\.|$)", name)
+    return int(found.group(1)) if found else None
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear or transformers' GPT-2 style Conv1D (a linear layer with a transposed weight)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    # Detected from the type, imported only when transformers is already loaded: a model cannot hold
+    # a transformers Conv1D otherwise, and `import peftkit` stays free of transformers.
+    if "transformers" not in sys.modules:
+        return False
+    from transformers.pytorch_utils import Conv1D
+
+    return isinstance(module, Conv1D)
+
+
+def output_head(model: nn.Module) -> nn.Module | None:
+    """The model's output projection: HF ``get_output_embeddings()``, else its last linear layer."""
+    getter = getattr(model, "get_output_embeddings", None)
+    if callable(getter):
+        head = getter()
+        if isinstance(head, nn.Module):
+            return head
+    linears = [m for _, m in iter_modules(model) if is_linear(_unwrap(m))]
+    return linears[-1] if linears else None
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    return module.base_layer() if isinstance(module, AdapterLayer) else module
+
+
+def select(
+    model: nn.Module,
+    config: TargetedConfig,
+    supported: tuple[type[nn.Module], ...] | None = None,
+    method: str = "this method",
+) -> list[tuple[str, nn.Module]]:
+    """The ``(name, module)`` pairs ``config`` targets, in model order.
+
+    Raises ``TargetError`` when a named target matches nothing (listing the closest names), when
+    nothing at all is selected, or when a selected module's type is not in ``supported``.
+    """
+    candidates = [(n, m) for n, m in iter_modules(model) if n]
+    if config.targets == ALL_LINEAR:
+        head = output_head(model)
+        chosen = [(n, m) for n, m in candidates if is_linear(_unwrap(m)) and m is not head]
+    else:
+        _check_each_target_matches(candidates, config.targets)
+        chosen = [(n, m) for n, m in candidates if first_match(n, config.targets)]
+    chosen = [(n, m) for n, m in chosen if not first_match(n, config.exclude)]
+    chosen = [(n, m) for n, m in chosen if not first_match(n, config.modules_to_save)]
+    chosen = _keep_layers(chosen, config)
+    if not chosen:
+        raise TargetError(f"{method}: the config selects no module ({_describe(config)})")
+    if supported is not None:
+        _check_types(chosen, supported, method)
+    return chosen
+
+
+def select_named(
+    model: nn.Module, patterns: Sequence[str], what: str
+) -> list[tuple[str, nn.Module]]:
+    """Modules matching ``patterns`` (e.g. modules_to_save); every pattern must match something."""
+    if not patterns:
+        return []
+    candidates = [(n, m) for n, m in iter_modules(model) if n]
+    _check_each_target_matches(candidates, patterns, what)
+    chosen = [(n, m) for n, m in candidates if first_match(n, patterns)]
+    # A match inside another match (classifier and classifier.dense) keeps only the outer one.
+    outer = [n for n, _ in chosen]
+    return [(n, m) for n, m in chosen if not any(n.startswith(o + ".") for o in outer if o != n)]
+
+
+def _check_each_target_matches(
+    candidates: list[tuple[str, nn.Module]], patterns: Iterable[str], what: str = "target"
+) -> None:
+    names = [n for n, _ in candidates]
+    for pattern in patterns:
+        if any(matches(n, pattern) for n in names):
+            continue
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+        close = difflib.get_close_matches(pattern.removeprefix("re:"), leaves, n=3, cutoff=0.5)
+        hint = (
+            f"closest names: {', '.join(close)}" if close else f"module names include: {leaves[:8]}"
+        )
+        raise TargetError(f"{what} {pattern!r} matched no module; {hint}")
+
+
+def _keep_layers(
+    chosen: list[tuple[str, nn.Module]], config: TargetedConfig
+) -> list[tuple[str, nn.Module]]:
+    if config.layers is None:
+        return chosen
+    indexed = [(n, m, layer_index(n, config.layers_pattern)) for n, m in chosen]
+    if all(i is None for _, _, i in indexed):
+        where = config.layers_pattern or "/".join(LAYER_LISTS)
+        raise TargetError(
+            f"layers={list(config.layers)}: no selected module sits in a block list named {where}; "
+            "set layers_pattern to the name of the model's block list"
+        )
+    wanted = set(config.layers)
+    return [(n, m) for n, m, i in indexed if i in wanted]
+
+
+def _check_types(
+    chosen: list[tuple[str, nn.Module]], supported: tuple[type[nn.Module], ...], method: str
+) -> None:
+    for name, module in chosen:
+        base = _unwrap(module)
+        if not isinstance(base, supported) and not (is_conv1d(base) and nn.Linear in supported):
+            kinds = ", ".join(t.__name__ for t in supported)
+            raise TargetError(
+                f"{method} cannot wrap {name!r} ({type(base).__name__}); it supports {kinds}. "
+                "Narrow targets or add it to exclude"
+            )
+
+
+def _describe(config: TargetedConfig) -> str:
+    parts = [f"targets={config.targets!r}"]
+    if config.exclude:
+        parts.append(f"exclude={list(config.exclude)}")
+    if config.layers is not None:
+        parts.append(f"layers={list(config.layers)}")
+    return ", ".join(parts)
