@@ -1,0 +1,145 @@
+"""The contract every registered method keeps, on every tiny model (DESIGN.md, "Tests").
+
+A new built-in method adds one entry to CONTRACT_CONFIGS; the test that checks coverage fails until it
+does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import torch
+
+import peftkit
+from peftkit import LoraConfig, MethodConfig
+from peftkit.registry import spec
+
+from helpers import perturb, snapshot
+from zoo import CASES, Case
+
+CONTRACT_CONFIGS: dict[str, Callable[[Case], MethodConfig]] = {
+    "lora": lambda case: LoraConfig(r=4, alpha=8, modules_to_save=case.head),
+}
+
+BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startswith("peftkit.")]
+PAIRS = [(m, c) for m in BUILTIN for c in CASES]
+
+
+def test_every_builtin_method_has_a_contract_config() -> None:
+    missing = [m for m in BUILTIN if m not in CONTRACT_CONFIGS]
+    assert not missing, f"add contract configs for {missing}"
+
+
+def _setup(method: str, case_name: str) -> tuple[Case, torch.nn.Module, MethodConfig]:
+    case = CASES[case_name]
+    return case, case.build(), CONTRACT_CONFIGS[method](case)
+
+
+@pytest.mark.parametrize(("method", "case_name"), PAIRS)
+def test_injection_keeps_output_where_method_starts_at_zero(method: str, case_name: str) -> None:
+    case, model, config = _setup(method, case_name)
+    with torch.no_grad():
+        before = case.output(model)
+        peftkit.apply(model, config)
+        after = case.output(model)
+    if spec(method).method_cls.starts_at_identity:
+        torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize(("method", "case_name"), PAIRS)
+def test_trainable_parameters_are_exactly_the_adapters(method: str, case_name: str) -> None:
+    _, model, config = _setup(method, case_name)
+    peftkit.apply(model, config)
+    owned = {id(p) for p in peftkit.adapters(model)["default"].parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert owned, "the method owns no parameters"
+    assert trainable == owned
+    assert {id(p) for p in peftkit.trainable_parameters(model)} == owned
+
+
+@pytest.mark.parametrize(("method", "case_name"), PAIRS)
+def test_save_then_load_on_fresh_base_gives_identical_outputs(
+    method: str, case_name: str, tmp_path: Path
+) -> None:
+    case, model, config = _setup(method, case_name)
+    peftkit.apply(model, config)
+    perturb(model)
+    with torch.no_grad():
+        expected = case.output(model)
+    peftkit.save_adapter(model, tmp_path)
+    fresh = peftkit.load_adapter(case.build(), tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(case.output(fresh), expected, rtol=0, atol=0)
+    base_keys = set(case.build().state_dict())
+    stored = peftkit.checkpoint.read_checkpoint(tmp_path)[1]
+    assert not any(k.split(".", 1)[1] in base_keys for k in stored), "base weights were saved"
+
+
+@pytest.mark.parametrize(("method", "case_name"), PAIRS)
+def test_merge_matches_unmerged_and_leaves_no_mergeable_layer(method: str, case_name: str) -> None:
+    case, model, config = _setup(method, case_name)
+    peftkit.apply(model, config)
+    perturb(model)
+    with torch.no_grad():
+        expected = case.output(model)
+        report = peftkit.merge_and_unload(model)
+        merged = case.output(model)
+    torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
+    left = [m for m in model.modules() if isinstance(m, peftkit.AdapterLayer)]
+    assert all(not layer.mergeable for layer in left), left
+    assert report.merged or report.kept
+
+
+@pytest.mark.parametrize(("method", "case_name"), PAIRS)
+def test_one_optimizer_step_changes_only_adapter_parameters(method: str, case_name: str) -> None:
+    case, model, config = _setup(method, case_name)
+    peftkit.apply(model, config)
+    perturb(model)  # so every factor gets a gradient (LoRA's A gets none while B is zero)
+    owned = {id(p) for p in peftkit.trainable_parameters(model)}
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    opt = torch.optim.SGD(peftkit.trainable_parameters(model), lr=0.1)
+    model.train()
+    case.loss(model).backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    adapter_names = {n for n, p in model.named_parameters() if id(p) in owned}
+    assert changed, "the step changed nothing"
+    assert changed <= adapter_names, sorted(changed - adapter_names)
+
+
+@pytest.mark.parametrize(("method", "case_name"), PAIRS)
+def test_disable_gives_the_base_output(method: str, case_name: str) -> None:
+    case, model, config = _setup(method, case_name)
+    with torch.no_grad():
+        base = case.output(model)
+    peftkit.apply(model, config)
+    perturb(model)
+    with torch.no_grad():
+        adapted = case.output(model)
+        with peftkit.disable_adapters(model):
+            disabled = case.output(model)
+        again = case.output(model)
+    torch.testing.assert_close(disabled, base, rtol=0, atol=0)
+    torch.testing.assert_close(again, adapted, rtol=0, atol=0)
+    assert not torch.allclose(adapted, base)
+
+
+@pytest.mark.parametrize(("method", "case_name"), PAIRS)
+def test_unload_restores_the_original_modules_and_weights_bit_exactly(
+    method: str, case_name: str
+) -> None:
+    _, model, config = _setup(method, case_name)
+    original = snapshot(model)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    types = {n: type(m) for n, m in model.named_modules()}
+    peftkit.apply(model, config)
+    perturb(model)
+    peftkit.unload(model)
+    after = snapshot(model)
+    assert after.keys() == original.keys()
+    assert all(torch.equal(after[k], original[k]) for k in original)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert not peftkit.adapters(model)

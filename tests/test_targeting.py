@@ -1,0 +1,107 @@
+"""Module selection: suffixes, regex, all-linear, layers, exclusions, and errors that name the fix."""
+
+from __future__ import annotations
+
+import pytest
+from torch import nn
+
+import peftkit
+from peftkit import LoraConfig, TargetError, apply_lora
+from peftkit.targeting import get_module, iter_modules, layer_index, matches, select
+
+from zoo import CASES, TinyTransformer
+
+
+def _names(model: nn.Module, **fields: object) -> list[str]:
+    return [n for n, _ in select(model, LoraConfig(**fields))]  # type: ignore[arg-type]
+
+
+def test_suffix_matches_on_dotted_boundaries_only() -> None:
+    assert matches("layers.0.q_proj", "q_proj")
+    assert matches("q_proj", "q_proj")
+    assert matches("layers.0.q_proj", "0.q_proj")
+    assert not matches("layers.0.xq_proj", "q_proj")
+
+
+def test_regex_is_a_full_match() -> None:
+    model = TinyTransformer()
+    assert _names(model, targets=["re:layers\\.1\\.(q|v)_proj"]) == [
+        "layers.1.q_proj",
+        "layers.1.v_proj",
+    ]
+    with pytest.raises(TargetError, match="matched no module"):
+        _names(model, targets=["re:q_proj"])  # a full match, not a search
+
+
+def test_all_linear_skips_the_output_head() -> None:
+    model = TinyTransformer()
+    names = _names(model, targets="all-linear")
+    assert "lm_head" not in names
+    assert len(names) == 2 * 6
+
+
+@pytest.mark.parametrize(
+    ("case_name", "head"),
+    [("gpt2", "lm_head"), ("bert", "classifier"), ("llama", "lm_head"), ("t5", "lm_head")],
+)
+def test_all_linear_skips_the_head_of_hf_models(case_name: str, head: str) -> None:
+    model = CASES[case_name].build()
+    names = _names(model, targets="all-linear")
+    assert head not in names and names
+
+
+def test_layers_and_exclude() -> None:
+    model = TinyTransformer()
+    names = _names(model, targets=["q_proj", "v_proj", "up"], layers=[1], exclude=["v_proj"])
+    assert names == ["layers.1.q_proj", "layers.1.up"]
+
+
+def test_layer_index_recognises_common_block_lists() -> None:
+    assert layer_index("model.layers.3.self_attn.q_proj") == 3
+    assert layer_index("transformer.h.11.attn.c_attn") == 11
+    assert layer_index("bert.encoder.layer.2.attention.self.query") == 2
+    assert layer_index("encoder.block.1.layer.0.SelfAttention.q") == 1
+    assert layer_index("lm_head") is None
+    assert layer_index("stack.7.fc", layers_pattern="stack") == 7
+
+
+def test_layers_on_a_model_without_block_lists_asks_for_layers_pattern() -> None:
+    model = CASES["mlp"].build()
+    with pytest.raises(TargetError, match="layers_pattern"):
+        _names(model, targets=["fc1"], layers=[0])
+
+
+def test_unmatched_target_lists_closest_names() -> None:
+    model = TinyTransformer()
+    with pytest.raises(TargetError, match=r"'q_prj' matched no module; closest names: q_proj"):
+        apply_lora(model, targets=["q_proj", "q_prj"])
+    assert not peftkit.adapters(model)
+    assert isinstance(model.layers[0].q_proj, nn.Linear)
+
+
+def test_zero_matches_is_an_error() -> None:
+    model = TinyTransformer()
+    with pytest.raises(TargetError, match="selects no module"):
+        apply_lora(model, targets=["q_proj"], layers=[7])
+
+
+def test_unsupported_module_type_is_an_error_naming_supported_types() -> None:
+    model = TinyTransformer()
+    with pytest.raises(TargetError, match=r"cannot wrap 'layers.0.norm1' \(LayerNorm\).*Linear"):
+        apply_lora(model, targets=["norm1"])
+    assert all(p.requires_grad for p in model.parameters()), (
+        "a failed apply must not freeze the base"
+    )
+
+
+def test_walk_treats_wrappers_as_the_module_they_wrap() -> None:
+    model = TinyTransformer()
+    apply_lora(model, targets=["q_proj"])
+    names = [n for n, _ in iter_modules(model)]
+    assert "layers.0.q_proj" in names
+    assert not any(".base" in n or "lora" in n for n in names)
+    assert isinstance(get_module(model, "layers.0.q_proj"), peftkit.AdapterLayer)
+    # A second adapter on the same module stacks on top of the first.
+    apply_lora(model, targets=["q_proj"], adapter_name="second")
+    top = get_module(model, "layers.0.q_proj")
+    assert top.adapter_name == "second" and top.base.adapter_name == "default"
