@@ -116,7 +116,7 @@ def train(
 
 def run_method(name: str, make_model: Callable[[], nn.Module], steps: int, lr: float) -> DemoRow:
     model = make_model()
-    apply(model, spec(name).config_cls(), adapter_name="demo")
+    apply(model, spec(name).method_cls.demo_config(total_steps=steps), adapter_name="demo")
     summary = trainable_summary(model)
     losses, times = train(model, steps, lr, task_batches(8, 32, seed=1))
     probe = next(task_batches(4, 32, seed=99))

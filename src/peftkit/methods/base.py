@@ -50,6 +50,15 @@ class Method:
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     starts_at_identity: ClassVar[bool] = True
 
+    @classmethod
+    def demo_config(cls, total_steps: int) -> MethodConfig:
+        """A config that works on any transformer, for a run of ``total_steps`` optimiser steps.
+
+        ``peftkit demo`` and the benchmarks use it to apply every registered method without special
+        cases; a method whose config needs the run length (AdaLoRA's schedule) overrides it.
+        """
+        return cls.config_cls()
+
     def __init__(self, config: MethodConfig, adapter_name: str) -> None:
         self.config = config
         self.adapter_name = adapter_name
