@@ -28,7 +28,9 @@ from .core import (
     unmerge,
 )
 from .layers import AdapterLayer, SavedModule
+from .methods.adapter import AdapterConfig, apply_adapter
 from .methods.base import MergeReport, Method, SwapMethod
+from .methods.full import FullConfig, apply_full
 from .methods.lora import LoraConfig, apply_lora
 from .registry import methods, register_method
 from .summary import TrainableSummary, trainable_summary
@@ -36,8 +38,10 @@ from .targeting import TargetError
 
 __all__ = [
     "ALL_LINEAR",
+    "AdapterConfig",
     "AdapterLayer",
     "CheckpointError",
+    "FullConfig",
     "LoraConfig",
     "MergeReport",
     "Method",
@@ -52,6 +56,8 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "apply",
+    "apply_adapter",
+    "apply_full",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
