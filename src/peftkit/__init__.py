@@ -9,6 +9,7 @@ merge_and_unload(model)                                  # plain model, no adapt
 
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
+from .compose import combine_lora, compose, ensemble
 from .config import ALL_LINEAR, MethodConfig, TargetedConfig
 from .core import (
     active_adapters,
@@ -59,8 +60,11 @@ __all__ = [
     "apply_adapter",
     "apply_full",
     "apply_lora",
+    "combine_lora",
+    "compose",
     "delete_adapter",
     "disable_adapters",
+    "ensemble",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",
