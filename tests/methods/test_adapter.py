@@ -303,3 +303,16 @@ def test_bad_config_names_the_fix(fields: dict[str, object], message: str) -> No
 def test_config_round_trips_through_json() -> None:
     config = AdapterConfig(form="parallel", bottleneck=8, targets=("mlp",), layers=(0, 2))
     assert AdapterConfig.from_dict(config.to_dict()) == config
+
+
+@pytest.mark.gpu
+def test_adapters_live_on_the_base_device_and_dtype_on_cuda() -> None:
+    case = CASES["llama"]
+    model = case.build().cuda().to(torch.bfloat16)
+    apply_adapter(model, form="houlsby", layer_norm=True)
+    params = peftkit.trainable_parameters(model)
+    assert {(p.device.type, p.dtype) for p in params} == {("cuda", torch.bfloat16)}
+    inputs = {k: v.cuda() for k, v in case.inputs().items()}
+    model.train()
+    model(**inputs).logits.float().pow(2).mean().backward()
+    assert all(p.grad is not None for p in params)

@@ -258,6 +258,18 @@ def test_a_merged_layer_on_trained_weights_blocks_switching_until_unmerged() -> 
         torch.testing.assert_close(value, original[key], rtol=0, atol=0)
 
 
+def test_training_weights_that_hold_a_merged_update_is_refused() -> None:
+    model = _model()
+    apply_lora(model, r=2, targets=["q_proj"], adapter_name="lora")
+    perturb(model)
+    peftkit.merge(model)
+    with pytest.raises(RuntimeError, match=r"folded into \(layers.0.q_proj.*unmerge"):
+        apply_full(model, modules=["q_proj"])
+    assert list(peftkit.adapters(model)) == ["lora"]
+    peftkit.unmerge(model)
+    apply_full(model, modules=["q_proj"])
+
+
 def test_restore_follows_the_model_to_another_dtype() -> None:
     model = _model()
     with torch.no_grad():
@@ -306,3 +318,17 @@ def test_a_failed_load_leaves_nothing_applied_even_without_the_copy(tmp_path: Pa
 def test_bad_config_names_the_fix(fields: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         FullConfig(**fields)  # type: ignore[arg-type]
+
+
+@pytest.mark.gpu
+def test_restore_follows_the_model_to_cuda() -> None:
+    model = _model()
+    with torch.no_grad():
+        base = model(_ids())
+    apply_full(model)
+    perturb(model)
+    model.cuda()
+    with torch.no_grad(), peftkit.disable_adapters(model):
+        restored = model(_ids().cuda()).cpu()
+    torch.testing.assert_close(restored, base, rtol=1e-4, atol=1e-4)
+    assert model.layers[0].q_proj.weight.is_cuda and model.layers[0].q_proj.weight.requires_grad

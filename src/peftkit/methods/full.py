@@ -194,6 +194,12 @@ class Full(Method):
     def inject(self, model: nn.Module) -> None:
         chosen = select_parameters(model, self.config)
         _check_disjoint(model, chosen, self.adapter_name)
+        merged = _merged_into(model, {id(p.get()) for p in chosen})
+        if merged:  # the kept copy would hold another adapter's update
+            raise RuntimeError(
+                f"adapter {self.adapter_name!r} would train weights that merged adapter layers "
+                f"were folded into ({', '.join(merged[:3])}); call peftkit.unmerge(model) first"
+            )
         self.inject_saved_modules(model)
         if self.config.keep_original:
             with torch.no_grad():
