@@ -98,7 +98,7 @@ def _lora_sources(model: nn.Module, weights: Mapping[str, float]) -> list[tuple[
         if name not in present:
             raise KeyError(f"no adapter named {name!r}; the model has {list(present)}")
         method = present[name]
-        if not isinstance(method, Lora):
+        if type(method) is not Lora:  # a subclass (AdaLoRA) may compute its update differently
             raise TypeError(f"combine_lora combines LoRA adapters; {name!r} is {method.name!r}")
         if method.config.modules_to_save:
             raise ValueError(
@@ -118,10 +118,9 @@ def _combine(terms: list[tuple[float, LoraLayer]], rank: int | None) -> Factors:
     shapes = {(type(layer), layer.lora_A.shape[1:]) for _, layer in terms}
     if len(shapes) > 1:
         raise ValueError(f"combine_lora: adapters at {terms[0][1].path!r} differ in layer type")
-    b = torch.cat(
-        [layer.lora_B.detach().flatten(1).double() * (w * layer.scaling) for w, layer in terms], 1
-    )
-    a = torch.cat([layer.lora_A.detach().flatten(1).double() for _, layer in terms], 0)
+    # In float64 on the CPU: the factors are thin, and every backend has float64 QR and SVD there.
+    b = torch.cat([_exact(layer.lora_B) * (w * layer.scaling) for w, layer in terms], 1)
+    a = torch.cat([_exact(layer.lora_A) for _, layer in terms], 0)
     if rank is None:
         return b, a
     qb, rb = torch.linalg.qr(b)  # b = qb rb: (out, q) (q, R)
@@ -130,6 +129,10 @@ def _combine(terms: list[tuple[float, LoraLayer]], rank: int | None) -> Factors:
     k = min(rank, s.shape[0])
     root = s[:k].sqrt()
     return (qb @ u[:, :k]) * root, (root[:, None] * vh[:k]) @ qa.t()
+
+
+def _exact(factor: torch.Tensor) -> torch.Tensor:
+    return factor.detach().flatten(1).to("cpu", torch.float64)
 
 
 def _config_for(ranks: dict[str, int]) -> LoraConfig:
