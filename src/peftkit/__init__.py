@@ -9,6 +9,7 @@ merge_and_unload(model)                                  # plain model, no adapt
 
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
+from .compose import combine_lora, compose, ensemble
 from .config import ALL_LINEAR, MethodConfig, TargetedConfig
 from .core import (
     active_adapters,
@@ -28,7 +29,9 @@ from .core import (
     unmerge,
 )
 from .layers import AdapterLayer, SavedModule
+from .methods.adapter import AdapterConfig, apply_adapter
 from .methods.base import MergeReport, Method, SwapMethod
+from .methods.full import FullConfig, apply_full
 from .methods.lora import LoraConfig, apply_lora
 from .registry import methods, register_method
 from .summary import TrainableSummary, trainable_summary
@@ -36,8 +39,10 @@ from .targeting import TargetError
 
 __all__ = [
     "ALL_LINEAR",
+    "AdapterConfig",
     "AdapterLayer",
     "CheckpointError",
+    "FullConfig",
     "LoraConfig",
     "MergeReport",
     "Method",
@@ -52,9 +57,14 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "apply",
+    "apply_adapter",
+    "apply_full",
     "apply_lora",
+    "combine_lora",
+    "compose",
     "delete_adapter",
     "disable_adapters",
+    "ensemble",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",

@@ -21,7 +21,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from ._version import __version__
-from .core import adapter_state_dict, adapters, attach, delete_adapter, load_adapter_state_dict
+from .core import adapter_state_dict, adapters, attach, detach, load_adapter_state_dict
 from .registry import spec
 
 CONFIG_NAME = "adapter_config.json"
@@ -199,7 +199,7 @@ def _build_method(entry: dict[str, Any]) -> Any:
 
 def _roll_back(model: nn.Module, applied: list[str]) -> None:
     for name in reversed(applied):
-        delete_adapter(model, name)
+        detach(model, name)
 
 
 def _to_saveable(tensor: torch.Tensor) -> torch.Tensor:

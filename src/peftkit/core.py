@@ -120,9 +120,12 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     unknown = [n for n in wanted if n not in state.methods]
     if unknown:
         raise KeyError(f"no adapter named {unknown}; the model has {list(state.methods)}")
+    inner = unwrap_model(model)
     for name, method in state.methods.items():
         if not method.active and name in wanted:
             _check_not_merged(method)
+        _check_switch(inner, method, name in wanted)
+    for name, method in state.methods.items():
         method.set_active(name in wanted)
 
 
@@ -133,6 +136,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     were = {name: m.active for name, m in state.methods.items()}
     for method in state.methods.values():
         _check_not_merged(method)
+        _check_switch(unwrap_model(model), method, False)
     try:
         for method in state.methods.values():
             method.set_active(False)
@@ -150,8 +154,32 @@ def _check_not_merged(method: Method) -> None:
         )
 
 
+def _check_restorable(method: Method) -> None:
+    if not method.restorable:
+        name = method.adapter_name
+        raise RuntimeError(
+            f"adapter {name!r} changed base weights in place and kept no copy of the originals, "
+            "so it cannot be switched off, deleted or unloaded; "
+            f"peftkit.merge_and_unload(model, [{name!r}]) keeps the trained weights and drops it"
+        )
+
+
+def _check_switch(model: nn.Module, method: Method, active: bool) -> None:
+    """Refuse (before anything changes) a switch or deletion the adapter cannot do."""
+    if not active and method.active:
+        _check_restorable(method)
+    method.check_switch(model, active)
+
+
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``, restoring exactly the modules that were there before it."""
+    _check_switch(unwrap_model(model), _method(model, name), False)
+    detach(model, name)
+
+
+def detach(model: nn.Module, name: str) -> None:
+    """Take adapter ``name`` out without the checks of ``delete_adapter``: the inverse of ``attach``,
+    for rolling back an adapter that was just attached (nothing has changed its weights yet)."""
     method = _method(model, name)
     state = _require(model)
     method.remove(unwrap_model(model))
@@ -162,6 +190,11 @@ def delete_adapter(model: nn.Module, name: str) -> None:
 
 def unload(model: nn.Module) -> nn.Module:
     """Remove every adapter without merging: the original modules, weights and flags come back."""
+    for method in adapters(model).values():
+        _check_restorable(method)
+    unmerge(model)
+    for method in adapters(model).values():
+        _check_switch(unwrap_model(model), method, False)
     for name in reversed(list(adapters(model))):
         delete_adapter(model, name)
     return unwrap_model(model)

@@ -41,6 +41,8 @@ class Method:
 
     Class attributes (``name``/``config_cls`` are set by ``register_method``):
         starts_at_identity: the model's output is unchanged right after injection.
+        trains_base_in_place: the trainable parameters are base parameters, changed in place (full
+            fine-tuning); its checkpoints then hold base tensors, but only the ones it trains.
     Hooks the training loop calls (override as needed):
         ``regularizer(model)`` -> a scalar added to the loss, or None;
         ``on_step_end(model, step)`` after each optimiser step.
@@ -49,6 +51,7 @@ class Method:
     name: ClassVar[str] = ""
     config_cls: ClassVar[type[MethodConfig]] = MethodConfig
     starts_at_identity: ClassVar[bool] = True
+    trains_base_in_place: ClassVar[bool] = False
 
     @classmethod
     def demo_config(cls, total_steps: int) -> MethodConfig:
@@ -124,6 +127,20 @@ class Method:
         """Check or settle state before a checkpoint is written (raise to refuse the save)."""
 
     # -- switching ---------------------------------------------------------------------------
+    @property
+    def restorable(self) -> bool:
+        """Whether disabling, deleting or unloading this adapter gives the base model back exactly.
+
+        False for an adapter that changed base weights in place without keeping their original
+        values; those operations then raise an error that names the alternative.
+        """
+        return True
+
+    def check_switch(self, model: nn.Module, active: bool) -> None:
+        """Raise, naming the fix, if this adapter cannot be switched to ``active`` (or, with
+        ``active=False``, deleted) right now. Model-level operations call it for every adapter they
+        will touch before touching any, so a refused switch changes nothing."""
+
     def set_active(self, active: bool) -> None:
         self.active = active
         for layer in self.layers:
