@@ -92,7 +92,7 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
         model.__dict__[STATE_ATTR] = state
         for p in model.parameters():
             p.requires_grad_(False)
-    before = {id(m) for m in model.modules()}
+    before = list(model.modules())
     try:
         method.inject(model)
         _adopt_training_mode(model, before)
@@ -106,21 +106,23 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
     return model
 
 
-def _adopt_training_mode(model: nn.Module, before: set[int]) -> None:
+def _adopt_training_mode(model: nn.Module, before: list[nn.Module]) -> None:
     """Modules an injection created take the train/eval mode of what they wrap (else the model's).
 
     A new ``nn.Module`` starts in training mode; without this, LoRA dropout added to a model in
-    eval mode would be active at inference.
+    eval mode would be active at inference. ``before`` lists the modules present before injection
+    (held, not just their ids, so no id can be reused by a new module).
     """
+    settled = {id(m) for m in before}
     for module in model.modules():
-        if id(module) in before:
+        if id(module) in settled:
             continue
-        mode = module.base.training if isinstance(module, AdapterLayer) else model.training
-        base = {id(m) for m in module.base.modules()} if isinstance(module, AdapterLayer) else set()
+        wrapped = module.base_layer() if isinstance(module, AdapterLayer) else model
+        mode = wrapped.training
         for inner in module.modules():
-            if id(inner) not in before and id(inner) not in base:
+            if id(inner) not in settled:
                 inner.training = mode
-                before.add(id(inner))
+                settled.add(id(inner))
 
 
 def adapters(model: nn.Module) -> dict[str, Method]:

@@ -210,3 +210,8 @@ def test_dropout_on_a_model_in_eval_mode_stays_off() -> None:
     assert not any(m.training for m in model.modules())
     model.train()
     assert not torch.equal(model(ids), model(ids))
+    # Each layer follows the module it wraps: a block kept in eval mode keeps its LoRA in eval.
+    mixed = _tiny().train()
+    mixed.layers[0].eval()
+    apply_lora(mixed, targets=["q_proj"], dropout=0.5)
+    assert not mixed.layers[0].q_proj.dropout.training and mixed.layers[1].q_proj.dropout.training

@@ -148,9 +148,12 @@ def export_peft(
         "inference_mode": True,
         **adapter.config,
     }
+    return _write(Path(directory), PeftAdapter(config, adapter.tensors))
+
+
+def _write(out: Path, adapter: PeftAdapter) -> Path:
     tensors = {k: _to_saveable(t) for k, t in adapter.tensors.items()}
-    text = json.dumps(config, indent=2, sort_keys=True) + "\n"
-    out = Path(directory)
+    text = json.dumps(adapter.config, indent=2, sort_keys=True) + "\n"
     if out.is_file():
         raise InteropError(f"{out} is a file; pass a directory to write the adapter into")
     out.mkdir(parents=True, exist_ok=True)
