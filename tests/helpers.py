@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 from torch import nn
 
@@ -22,3 +25,16 @@ def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
 
 def has_adapter_layers(model: nn.Module) -> bool:
     return any(isinstance(m, peftkit.AdapterLayer) for m in model.modules())
+
+
+@contextmanager
+def temporarily_registered(name: str, config_cls: type, method_cls: type) -> Iterator[None]:
+    """Register a test-only method for the duration of a test, then remove it again, so it does
+    not leak into tests that walk every registered method (the demo, the contract)."""
+    from peftkit import registry
+
+    registry.register_method(name, config_cls, override=True)(method_cls)
+    try:
+        yield
+    finally:
+        registry._BY_NAME.pop(name, None)

@@ -89,26 +89,3 @@ def test_registering_a_taken_name_needs_override() -> None:
 def test_registering_a_non_config_is_refused() -> None:
     with pytest.raises(TypeError, match="MethodConfig"):
         register_method("x", dict)  # type: ignore[arg-type]
-
-
-def test_apply_with_an_unregistered_config_says_how_to_register() -> None:
-    @dataclass(frozen=True, kw_only=True)
-    class Orphan(TargetedConfig):
-        pass
-
-    with pytest.raises(TypeError, match="register_method"):
-        peftkit.apply(TinyTransformer(), Orphan(targets=["q_proj"]))
-
-
-def test_loading_an_unknown_method_names_it(tmp_path: Path) -> None:
-    model = TinyTransformer()
-    peftkit.apply(model, GainConfig(targets=["o_proj"]))
-    peftkit.save_adapter(model, tmp_path)
-    text = (tmp_path / "adapter_config.json").read_text().replace("test-gain", "not-installed")
-    (tmp_path / "adapter_config.json").write_text(text)
-    from safetensors.torch import load_file, save_file
-
-    weights = tmp_path / "adapter_model.safetensors"
-    save_file(load_file(weights), weights, metadata={"peftkit_config": text})
-    with pytest.raises(KeyError, match="not-installed.*must be imported"):
-        peftkit.load_adapter(TinyTransformer(), tmp_path)

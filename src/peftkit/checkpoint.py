@@ -3,10 +3,13 @@
 Both files are written atomically (temporary file, fsync, rename). The weights file also carries the
 config text in its safetensors metadata, so it is self-describing: if a save was interrupted between
 the two renames, loading notices the stale JSON, warns, and uses the config that matches the weights.
+It also carries a SHA-256 of that config text and every tensor's bytes (safetensors itself has no
+checksum), so a flipped bit anywhere in the data is an error on load, never silently wrong weights.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import uuid
@@ -29,6 +32,7 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "peftkit"
 FORMAT_VERSION = 1
 _META_KEY = "peftkit_config"
+_DIGEST_KEY = "peftkit_sha256"
 _PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
@@ -65,9 +69,12 @@ def save_adapter(
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "peftkit_version": __version__}
     text = json.dumps({**doc, "adapters": entries}, indent=2) + "\n"
     tensors = {k: _to_saveable(t) for k, t in adapter_state_dict(model, names).items()}
+    meta = {_META_KEY: text, _DIGEST_KEY: content_digest(tensors, text)}
     out = Path(directory)
+    if out.is_file():
+        raise CheckpointError(f"{out} is a file; pass a directory to save the adapter into")
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={_META_KEY: text}))
+    _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     return out
 
@@ -96,7 +103,10 @@ def load_adapter(
             method = _build_method(entry)
             attach(model, method)
             applied.append(entry["name"])
-        wanted = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in applied}
+        # Loading every adapter: any tensor of an adapter the config does not list is unexpected.
+        wanted = tensors
+        if adapter_names is not None:
+            wanted = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in applied}
         load_adapter_state_dict(model, wanted, applied)
     except ValueError as err:
         _roll_back(model, applied)
@@ -115,9 +125,15 @@ def read_checkpoint(
     """The checked config document and the tensors of a peftkit checkpoint directory."""
     path = Path(directory)
     _check_directory(path)
-    tensors, meta_text = _read_weights(path / WEIGHTS_NAME)
-    text = meta_text
+    tensors, meta = _read_weights(path / WEIGHTS_NAME)
+    text = meta_text = meta.get(_META_KEY)
     json_path = path / CONFIG_NAME
+    if not json_path.exists() and meta_text is not None:
+        warnings.warn(
+            f"{json_path} is missing; using the config stored in {WEIGHTS_NAME}",
+            UserWarning,
+            stacklevel=3,
+        )
     if json_path.exists():
         json_text = json_path.read_text(encoding="utf-8")
         if meta_text is not None and json_text != meta_text:
@@ -149,7 +165,8 @@ def _check_directory(path: Path) -> None:
         raise CheckpointError(f"{path} holds no {WEIGHTS_NAME}")
 
 
-def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
+def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of a safetensors file; a checksum written by peftkit is verified."""
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
@@ -158,7 +175,23 @@ def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], str | None]:
         raise CheckpointError(
             f"{path} is truncated or corrupt ({err}); re-save it, or load an earlier checkpoint"
         ) from err
-    return tensors, meta.get(_META_KEY)
+    stored = meta.get(_DIGEST_KEY)
+    if stored is not None and stored != content_digest(tensors, meta.get(_META_KEY)):
+        raise CheckpointError(
+            f"{path} is corrupt: its contents do not match the checksum written when it was saved; "
+            "re-save it, or load an earlier checkpoint"
+        )
+    return tensors, meta
+
+
+def content_digest(tensors: dict[str, torch.Tensor], text: str | None) -> str:
+    """SHA-256 over the config text and every tensor's name, dtype, shape and bytes (CPU tensors)."""
+    digest = hashlib.sha256((text or "").encode("utf-8"))
+    for key in sorted(tensors):
+        tensor = tensors[key].contiguous()
+        digest.update(f"\0{key}\0{tensor.dtype}\0{tuple(tensor.shape)}\0".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    return digest.hexdigest()
 
 
 def _parse_config(text: str, path: Path) -> dict[str, Any]:
@@ -185,7 +218,10 @@ def _parse_config(text: str, path: Path) -> dict[str, Any]:
     for entry in entries:
         lacking = [k for k in ("name", "method", "config") if k not in entry]
         if lacking:
-            raise CheckpointError(f"{path / CONFIG_NAME}: an adapter entry lacks {lacking}")
+            raise CheckpointError(
+                f"{path / CONFIG_NAME}: an adapter entry lacks {lacking}; each entry needs name, "
+                "method and config (re-save the adapter with peftkit.save_adapter)"
+            )
     return doc
 
 

@@ -84,7 +84,10 @@ class MethodConfig:
             and f.default_factory is dataclasses.MISSING
         ]
         if missing:
-            raise ValueError(f"{cls.__name__}: the saved config lacks required keys {missing}")
+            raise ValueError(
+                f"{cls.__name__}: the saved config lacks required keys {missing} (written by "
+                "another version of the method?); re-save the adapter with the version you load with"
+            )
         return cls(**{k: _from_json(v) for k, v in data.items() if k in names})
 
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from .config import MethodConfig
+from .layers import AdapterLayer
 from .methods.base import MergeReport, Method
 from .registry import spec_for_config
 
@@ -91,8 +92,10 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
         model.__dict__[STATE_ATTR] = state
         for p in model.parameters():
             p.requires_grad_(False)
+    before = list(model.modules())
     try:
         method.inject(model)
+        _adopt_training_mode(model, before)
     except BaseException:
         method.remove(model)
         if created:
@@ -101,6 +104,25 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
     state.methods[adapter_name] = method
     method.set_active(True)
     return model
+
+
+def _adopt_training_mode(model: nn.Module, before: list[nn.Module]) -> None:
+    """Modules an injection created take the train/eval mode of what they wrap (else the model's).
+
+    A new ``nn.Module`` starts in training mode; without this, LoRA dropout added to a model in
+    eval mode would be active at inference. ``before`` lists the modules present before injection
+    (held, not just their ids, so no id can be reused by a new module).
+    """
+    settled = {id(m) for m in before}
+    for module in model.modules():
+        if id(module) in settled:
+            continue
+        wrapped = module.base_layer() if isinstance(module, AdapterLayer) else model
+        mode = wrapped.training
+        for inner in module.modules():
+            if id(inner) not in settled:
+                inner.training = mode
+                settled.add(id(inner))
 
 
 def adapters(model: nn.Module) -> dict[str, Method]:

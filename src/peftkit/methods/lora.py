@@ -62,9 +62,12 @@ class LoraConfig(TargetedConfig):
         key = first_match(path, self.rank_pattern)
         return self.r if key is None else int(self.rank_pattern[key])
 
-    def scaling_for(self, path: str) -> float:
+    def alpha_for(self, path: str) -> float:
         key = first_match(path, self.alpha_pattern)
-        alpha = self.alpha if key is None else float(self.alpha_pattern[key])
+        return self.alpha if key is None else float(self.alpha_pattern[key])
+
+    def scaling_for(self, path: str) -> float:
+        alpha = self.alpha_for(path)
         rank = self.rank_for(path)
         return alpha / math.sqrt(rank) if self.rslora else alpha / rank
 
