@@ -235,6 +235,7 @@ class Trainer:
         saved = self._resume_path(resume_from)
         if saved is not None:
             S.load_weights(self.raw, saved)
+        was_training = self.raw.training
         self._prepare_model()
         self.optimizer = build_optimizer(self.raw, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, total)
@@ -251,6 +252,7 @@ class Trainer:
         try:
             stopped = self._loop(train_data, spec, eval_data, total, monitor)
         finally:
+            self.raw.train(was_training)
             monitor.close()
             self.history.extend(monitor.history)
             if self.attack is not None:
@@ -330,13 +332,7 @@ class Trainer:
         cfg = self.config
         self.raw.to(self.device)
         if cfg.gradient_checkpointing:
-            enable = getattr(self.raw, "gradient_checkpointing_enable", None)
-            if not callable(enable):
-                raise ValueError(
-                    "gradient_checkpointing needs an HF model (gradient_checkpointing_enable); "
-                    "for other models wrap blocks in torch.utils.checkpoint"
-                )
-            enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            enable_checkpointing(self.raw)
         if cfg.adversarial is not None:
             self.attack = EmbeddingAttack(
                 find_input_embedding(self.raw),
@@ -459,3 +455,19 @@ class Trainer:
 
 def _due(every: int | str | None, step: int) -> bool:
     return isinstance(every, int) and step % every == 0
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """HF activation (gradient) checkpointing, non-reentrant: it needs no input that requires grad."""
+    kwargs = {"use_reentrant": False}
+    new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+    old = getattr(model, "gradient_checkpointing_enable", None)
+    if callable(new):
+        new(activation_checkpointing_kwargs=kwargs)
+    elif callable(old):
+        old(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            "gradient_checkpointing needs an HF model (gradient_checkpointing_enable); "
+            "for other models wrap blocks in torch.utils.checkpoint"
+        )
