@@ -290,3 +290,12 @@ def test_progress_bar_only_on_a_terminal(
     Trainer(lora_transformer(), lm_config(max_steps=2, progress=True)).fit(lm_data(8))
     err = capsys.readouterr().err
     assert "2/2" in err and "loss=" in err and "tok/s=" in err
+
+
+def test_import_stays_light() -> None:
+    import subprocess
+    import sys
+
+    code = "import sys, peftkit; peftkit.Trainer, peftkit.metrics; print('transformers' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

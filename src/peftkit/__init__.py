@@ -34,8 +34,9 @@ from .methods.lora import LoraConfig, apply_lora
 from .registry import methods, register_method
 from .summary import TrainableSummary, trainable_summary
 from .targeting import TargetError
-from .trainer import NonFiniteLossError, Trainer, TrainResult
+from .trainer import Trainer
 from .training.config import TrainConfig
+from .training.progress import NonFiniteLossError, TrainResult
 
 __all__ = [
     "ALL_LINEAR",

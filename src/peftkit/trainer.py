@@ -22,60 +22,33 @@ import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
 from .core import regularizer, step_hooks
-from .losses.adversarial import EmbeddingAttack, find_input_embedding
+from .losses.adversarial import EmbeddingAttack
 from .training import data as D
 from .training import distributed, evaluation
 from .training import state as S
 from .training.config import TrainConfig
-from .training.monitor import LOG_NAME, Monitor, truncate_log
+from .training.monitor import Monitor
 from .training.optim import (
     build_optimizer,
     build_scheduler,
     load_scheduler_state,
-    parameters_to_train,
     scheduler_state,
 )
+from .training.progress import NonFiniteLossError, Progress, TrainResult
+from .training.rundir import RunDirectory
+from .training.setup import prepare
 from .training.tasks import TaskLoss
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Penalty = Callable[[nn.Module], torch.Tensor]
 Metrics = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
-
-
-class NonFiniteLossError(RuntimeError):
-    """The loss (or gradient norm) became NaN or infinite; training stopped before the update."""
-
-
-@dataclass
-class Progress:
-    """Where a run stands; saved with every checkpoint."""
-
-    step: int = 0  # optimiser steps taken
-    epoch: int = 0
-    batch: int = 0  # micro-batches of this epoch consumed by this rank
-    best_metric: float | None = None
-    best_step: int | None = None
-    bad_evals: int = 0  # evaluations since the last improvement
-    skipped: int = 0  # steps skipped for a non-finite loss
-
-
-@dataclass
-class TrainResult:
-    step: int
-    epoch: int
-    best_metric: float | None
-    best_step: int | None
-    stopped_early: bool
-    metrics: dict[str, float] = field(default_factory=dict)  # the last evaluation
 
 
 class Trainer:
@@ -116,7 +89,8 @@ class Trainer:
         self.progress = Progress()
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, float] = {}  # the last evaluation during fit
-        self.output_dir = Path(self.config.output_dir) if self.config.output_dir else None
+        out = Path(self.config.output_dir) if self.config.output_dir else None
+        self.run_dir = RunDirectory(out, self.dist, self.config.save_total_limit)
         self.attack: EmbeddingAttack | None = None
         self._ddp: nn.parallel.DistributedDataParallel | None = None
         self.scaler = torch.amp.GradScaler(
@@ -128,10 +102,9 @@ class Trainer:
         """One optimiser step over ``batches`` (the micro-batches of gradient accumulation)."""
         start, n = time.perf_counter(), len(batches)
         tokens = sum(D.count_tokens(b) for b in batches)
-        losses = [
-            self._backward(D.to_device(b, self.device), n, i == n - 1)
-            for i, b in enumerate(batches)
-        ]
+        losses = []
+        for i, batch in enumerate(batches):
+            losses.append(self._backward(D.to_device(batch, self.device), n, last=i == n - 1))
         self.scaler.unscale_(self.optimizer)
         norm = self._clip()
         loss, grad_norm, tokens = self._reduce(torch.stack(losses).mean(), norm, tokens)
@@ -199,8 +172,8 @@ class Trainer:
         if self.config.on_nonfinite == "skip":
             self.progress.skipped += 1
             return False
-        found = S.checkpoints(self.output_dir) if self.output_dir else []
-        kept = found[-1][1] if found else None
+        newest = self.run_dir.newest()  # every process gets here: the loss is reduced
+        kept = newest[1] if newest else None
         raise NonFiniteLossError(
             f"step {self.progress.step + 1}: {what} is not finite; stopped before the update"
             f"{f' (last good checkpoint: {kept})' if kept else ''}. Lower lr, clip gradients "
@@ -232,22 +205,24 @@ class Trainer:
         if cfg.patience is not None and eval_data is None:
             raise ValueError("early stopping (patience) needs eval_data")
         S.seed_everything(cfg.seed + self.dist.rank)
-        saved = self._resume_path(resume_from)
+        saved = self.run_dir.resume_path(resume_from)
+        state = self.run_dir.read(saved, self._settings()) if saved is not None else None
         if saved is not None:
             S.load_weights(self.raw, saved)
         was_training = self.raw.training
-        self._prepare_model()
+        prepared = prepare(self.raw, cfg, self.device, self.dist)
+        self.model, self._ddp, self.attack = prepared.model, prepared.ddp, prepared.attack
         self.optimizer = build_optimizer(self.raw, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg, total)
         self.progress = Progress()
-        if saved is not None:
-            self._restore(saved)
+        if state is not None:
+            self._restore(state)
         monitor = Monitor(
             total=total,
             initial=self.progress.step,
             progress=cfg.progress,
             main=self.dist.main,
-            log_path=self.output_dir / LOG_NAME if self.output_dir else None,
+            log_path=self.run_dir.log_path,
         )
         try:
             stopped = self._loop(train_data, spec, eval_data, total, monitor)
@@ -328,25 +303,6 @@ class Trainer:
             1, {"loss": record["loss"], "lr": record["lr"], "tok/s": record["tokens_per_s"]}
         )
 
-    def _prepare_model(self) -> None:
-        cfg = self.config
-        self.raw.to(self.device)
-        if cfg.gradient_checkpointing:
-            enable_checkpointing(self.raw)
-        if cfg.adversarial is not None:
-            self.attack = EmbeddingAttack(
-                find_input_embedding(self.raw),
-                method=cfg.adversarial,
-                epsilon=cfg.adv_epsilon,
-                alpha=cfg.adv_alpha,
-                steps=cfg.adv_steps,
-            )
-        self.raw.train()
-        parameters_to_train(self.raw)  # a clear error before DDP's, if nothing is trainable
-        model = distributed.wrap(self.raw, self.device, self.dist, cfg.find_unused_parameters)
-        self._ddp = model if isinstance(model, nn.parallel.DistributedDataParallel) else None
-        self.model = cast(nn.Module, torch.compile(model)) if cfg.compile else model
-
     # -- evaluation --------------------------------------------------------------------------------
     def evaluate(self, data: Any) -> dict[str, float]:
         """Mean loss (weighted by batch size) and ``compute_metrics`` over ``data``, all processes."""
@@ -366,108 +322,47 @@ class Trainer:
                 f"metric_for_best={cfg.metric_for_best!r} is not an eval metric; evaluation "
                 f"gives {sorted(metrics)}"
             )
-        value, best = metrics[name], p.best_metric
-        sign = 1.0 if cfg.higher_is_better else -1.0
-        if best is None or sign * (value - best) > cfg.min_delta:
-            p.best_metric, p.best_step, p.bad_evals = value, p.step, 0
-            self._save_best(metrics)
-        else:
-            p.bad_evals += 1
-        return metrics, cfg.patience is not None and p.bad_evals >= cfg.patience
+        if p.record_eval(metrics[name], cfg):
+            self.run_dir.save_best(self.raw, p.step, metrics)
+        return metrics, p.should_stop(cfg)
 
     # -- checkpoints -------------------------------------------------------------------------------
     def save_checkpoint(self) -> Path | None:
         """Write ``output_dir/checkpoint-<step>`` (adapter, optimiser, scheduler, scaler, RNG,
         progress); returns its path on the main process. Every process must call it."""
-        rngs = distributed.gather(S.rng_state(), self.dist)
-        if self.output_dir is None or not self.dist.main:
-            distributed.barrier(self.dist)
-            return None
         state = {
             "format": 1,
             "progress": dataclasses.asdict(self.progress),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict(),
-            "rng": rngs,
-            "world": self.dist.world,
-            "batch_size": self._batch_size,
+            **self._settings(),
             "config": self.config.to_dict(),
         }
-        path = self.output_dir / f"checkpoint-{self.progress.step}"
-        with S.atomic_directory(path) as tmp:
-            S.save_weights(self.raw, tmp)
-            S.write_state(tmp, state)
-        S.prune_checkpoints(self.output_dir, self.config.save_total_limit)
-        distributed.barrier(self.dist)
-        return path
+        return self.run_dir.save(self.progress.step, self.raw, state)
 
-    def _save_best(self, metrics: dict[str, float]) -> None:
-        if self.output_dir is None or not self.dist.main:
-            return
-        with S.atomic_directory(self.output_dir / "best") as tmp:
-            S.save_weights(self.raw, tmp)
-            S.write_json_atomic(tmp / "best.json", {"step": self.progress.step, "metrics": metrics})
+    def _settings(self) -> dict[str, Any]:
+        """What a resumed run must share with the saved one for the data position to mean the same."""
+        return {
+            "world": self.dist.world,
+            "grad_accum": self.config.grad_accum,
+            "batch_size": self._batch_size,
+        }
 
-    def _resume_path(self, resume_from: str | Path | None) -> Path | None:
-        if resume_from is None:
-            return None
-        if str(resume_from) != "latest":
-            return Path(resume_from)
-        if self.output_dir is None:
-            raise ValueError("resume_from='latest' needs TrainConfig(output_dir=...)")
-        found = S.checkpoints(self.output_dir) if self.dist.main else []
-        latest = distributed.broadcast(str(found[-1][1]) if found else None, self.dist)
-        return Path(latest) if latest else None
-
-    def _restore(self, path: Path) -> None:
-        state = S.read_state(path)
-        settings = [
-            ("processes", state["world"], self.dist.world),
-            ("grad_accum", state["config"]["grad_accum"], self.config.grad_accum),
-            ("batch_size", state["batch_size"], self._batch_size),
-        ]
-        mismatched = [f"{name} {was} -> {now}" for name, was, now in settings if was != now]
-        if mismatched:
-            raise CheckpointError(
-                f"{path} was written by a run with other settings ({', '.join(mismatched)}); "
-                "resume with the same ones, or start a new run"
-            )
+    def _restore(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         load_scheduler_state(self.scheduler, state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         S.set_rng_state(state["rng"][self.dist.rank])
-        if self.output_dir is not None and self.dist.main:
-            truncate_log(self.output_dir / LOG_NAME, self.progress.step)
 
     def _finish(self) -> None:
-        done = S.checkpoints(self.output_dir) if self.output_dir and self.dist.main else []
-        last = distributed.broadcast(done[-1][0] if done else None, self.dist)
-        if self.output_dir is not None and last != self.progress.step:
+        newest = self.run_dir.newest()
+        if self.run_dir.path is not None and (newest is None or newest[0] != self.progress.step):
             self.save_checkpoint()
-        best = self.output_dir / "best" if self.output_dir else None
-        if self.config.load_best_at_end and best is not None:
-            distributed.barrier(self.dist)
-            if best.exists():
-                S.load_weights(self.raw, best)
+        if self.config.load_best_at_end:
+            self.run_dir.load_best(self.raw)
 
 
 def _due(every: int | str | None, step: int) -> bool:
     return isinstance(every, int) and step % every == 0
-
-
-def enable_checkpointing(model: nn.Module) -> None:
-    """HF activation (gradient) checkpointing, non-reentrant: it needs no input that requires grad."""
-    kwargs = {"use_reentrant": False}
-    new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
-    old = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(new):
-        new(activation_checkpointing_kwargs=kwargs)
-    elif callable(old):
-        old(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ValueError(
-            "gradient_checkpointing needs an HF model (gradient_checkpointing_enable); "
-            "for other models wrap blocks in torch.utils.checkpoint"
-        )
