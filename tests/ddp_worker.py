@@ -1,7 +1,9 @@
 """Run by tests/test_trainer_distributed.py under torchrun (and in-process for the single run).
 
-Trains a LoRA'd TinyTransformer on a causal-LM task and writes the adapter tensors and the history
-of this process to ``<out>/rank<r>.safetensors`` / ``history<r>.json``.
+``run``: the Trainer (DDP) trains a LoRA'd TinyTransformer on a causal-LM task and writes this
+process's adapter tensors and history to ``<out>/rank<r>.safetensors`` / ``history<r>.json``.
+``fsdp2_loop``: the hand-written FSDP2 loop of docs/trainer.md on the same model; writes the
+gathered adapter tensors to ``<out>/fsdp2_rank<r>.safetensors``.
 """
 
 from __future__ import annotations
@@ -44,6 +46,42 @@ def run(out: Path, batch_size: int, world: int = 1) -> Trainer:
     return trainer
 
 
+def fsdp2_batches(rank: int, world: int) -> list[torch.Tensor]:
+    """Each step's batch of 8 sequences, split evenly over the processes."""
+    data = torch.stack(lm_data(24, seed=7))
+    per = 8 // world
+    return [data[8 * s + rank * per : 8 * s + (rank + 1) * per] for s in range(3)]
+
+
+def fsdp2_loop(out: Path) -> None:
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = lora_transformer()  # apply adapters first: the wrappers are sharded with their blocks
+    for block in model.layers:
+        fully_shard(block)
+    fully_shard(model)
+    opt = torch.optim.AdamW(peftkit.trainable_parameters(model), lr=1e-2)
+    for step, ids in enumerate(fsdp2_batches(dist.get_rank(), dist.get_world_size())):
+        loss = peftkit.losses.causal_lm_loss(model(ids), ids)
+        reg = peftkit.regularizer(model)
+        (loss if reg is None else loss + reg).backward()
+        opt.step()
+        peftkit.step_hooks(model, step)
+        opt.zero_grad()
+    full = {
+        k: (v.full_tensor() if isinstance(v, DTensor) else v).detach().contiguous()
+        for k, v in peftkit.adapter_state_dict(model).items()
+    }
+    save_file(full, str(out / f"fsdp2_rank{dist.get_rank()}.safetensors"))
+    try:
+        Trainer(model, TrainConfig(max_steps=1, progress=False)).fit(lm_data(4))
+    except ValueError as err:  # the Trainer runs DDP only, and says so
+        (out / f"fsdp2_error{dist.get_rank()}.txt").write_text(str(err))
+
+
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(Path(sys.argv[1]), batch_size=int(sys.argv[2]))
+    fsdp2_loop(Path(sys.argv[1]))  # reuses the process group the Trainer started

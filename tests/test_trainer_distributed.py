@@ -1,4 +1,5 @@
-"""The Trainer under torchrun: two CPU processes (gloo) against one process on the combined batch."""
+"""The Trainer under torchrun: two CPU processes (gloo) against one process on the combined batch;
+and the FSDP2 loop of docs/trainer.md in the same processes."""
 
 from __future__ import annotations
 
@@ -11,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+import peftkit
 
 import ddp_worker
 
@@ -57,6 +60,8 @@ def test_two_processes_match_each_other_and_one_process_on_the_combined_batch(
             if name in a:
                 assert b[name] == pytest.approx(a[name], rel=1e-4), name
 
+    _check_fsdp2(tmp_path / "ddp")
+
     # only rank 0 wrote: one log line per record, checkpoints present once
     lines = (tmp_path / "ddp" / "run" / "log.jsonl").read_text().splitlines()
     assert len(lines) == len(two) == ddp_worker.STEPS + 2
@@ -64,3 +69,18 @@ def test_two_processes_match_each_other_and_one_process_on_the_combined_batch(
         "checkpoint-2",
         "checkpoint-4",
     ]
+
+
+def _check_fsdp2(out: Path) -> None:
+    """The documented FSDP2 loop: ranks agree and match one process on the combined batches."""
+    ranks = [load_file(str(out / f"fsdp2_rank{r}.safetensors")) for r in (0, 1)]
+    assert "FSDP2" in (out / "fsdp2_error0.txt").read_text()
+    model = ddp_worker.lora_transformer()
+    opt = torch.optim.AdamW(peftkit.trainable_parameters(model), lr=1e-2)
+    for ids in ddp_worker.fsdp2_batches(0, 1):
+        peftkit.losses.causal_lm_loss(model(ids), ids).backward()
+        opt.step()
+        opt.zero_grad()
+    for key, value in peftkit.adapter_state_dict(model).items():
+        assert torch.equal(ranks[0][key], ranks[1][key]), key
+        assert torch.allclose(ranks[0][key], value, atol=1e-5), key
