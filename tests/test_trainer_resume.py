@@ -133,9 +133,14 @@ def test_checkpoints_hold_no_pickle_and_resume_checks_settings(
 
 
 def test_resume_latest_without_checkpoints_starts_fresh(tmp_path: Path) -> None:
+    (tmp_path / "log.jsonl").write_text('{"step": 1, "loss": 9.0}\n{"step": 2, "lo')  # killed early
     model = lora_bert()
     trainer = _fit(model, tmp_path, resume="latest", epochs=1)
     assert trainer.progress.step == 3
+    steps = [json.loads(x)["step"] for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 3]  # three steps and the epoch's evaluation, nothing stale
+    with pytest.raises(ValueError, match=r"already holds checkpoints .*resume_from='latest'"):
+        _fit(lora_bert(), tmp_path, epochs=1)
 
 
 def test_model_without_adapters_resumes_exactly(tmp_path: Path) -> None:

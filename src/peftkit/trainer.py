@@ -63,6 +63,7 @@ class Trainer:
 
     optimizer: torch.optim.Optimizer  # built by fit()
     _batch_size: int | None
+    _per_epoch: int | None  # micro-batches per epoch for this process (None: unknown)
     scheduler: torch.optim.lr_scheduler.LambdaLR
 
     def __init__(
@@ -198,29 +199,15 @@ class Trainer:
         ``eval_data`` is evaluated as ``eval_every`` says. ``resume_from`` is a ``checkpoint-N``
         directory, or ``"latest"`` (the newest in ``output_dir``; a fresh start when there is none).
         """
-        cfg = self.config
-        spec = D.loader_spec(train_data, cfg.batch_size, True, self.collate_fn, cfg.num_workers)
-        self._batch_size = spec.batch_size if spec is not None else None
-        total = self._total_steps(D.batches_per_epoch(spec, train_data, self.dist.world))
-        if cfg.patience is not None and eval_data is None:
+        if self.config.patience is not None and eval_data is None:
             raise ValueError("early stopping (patience) needs eval_data")
-        S.seed_everything(cfg.seed + self.dist.rank)
-        saved = self.run_dir.resume_path(resume_from)
-        state = self.run_dir.read(saved, self._settings()) if saved is not None else None
-        if saved is not None:
-            S.load_weights(self.raw, saved)
+        spec, total = self._plan(train_data)
         was_training = self.raw.training
-        prepared = prepare(self.raw, cfg, self.device, self.dist)
-        self.model, self._ddp, self.attack = prepared.model, prepared.ddp, prepared.attack
-        self.optimizer = build_optimizer(self.raw, cfg)
-        self.scheduler = build_scheduler(self.optimizer, cfg, total)
-        self.progress = Progress()
-        if state is not None:
-            self._restore(state)
+        self._start(total, resume_from)
         monitor = Monitor(
             total=total,
             initial=self.progress.step,
-            progress=cfg.progress,
+            progress=self.config.progress,
             main=self.dist.main,
             log_path=self.run_dir.log_path,
         )
@@ -236,6 +223,32 @@ class Trainer:
         self._finish()
         p = self.progress
         return TrainResult(p.step, p.epoch, p.best_metric, p.best_step, stopped, dict(self.metrics))
+
+    def _plan(self, train_data: Any) -> tuple[D.LoaderSpec | None, int]:
+        """How the data is read, and the run's length in optimiser steps."""
+        cfg = self.config
+        spec = D.loader_spec(train_data, cfg.batch_size, True, self.collate_fn, cfg.num_workers)
+        self._batch_size = spec.batch_size if spec is not None else None
+        self._per_epoch = D.batches_per_epoch(spec, train_data, self.dist.world)
+        return spec, self._total_steps(self._per_epoch)
+
+    def _start(self, total: int, resume_from: str | Path | None) -> None:
+        """Seed; load a checkpoint's weights; prepare the model; build the optimiser and schedule;
+        then restore their state, the progress and the RNG states (last, so nothing disturbs them)."""
+        S.seed_everything(self.config.seed + self.dist.rank)
+        saved = self.run_dir.resume_path(resume_from)
+        state = self.run_dir.read(saved, self._settings()) if saved is not None else None
+        if saved is not None:
+            S.load_weights(self.raw, saved)
+        else:
+            self.run_dir.start_fresh()
+        prepared = prepare(self.raw, self.config, self.device, self.dist)
+        self.model, self._ddp, self.attack = prepared.model, prepared.ddp, prepared.attack
+        self.optimizer = build_optimizer(self.raw, self.config)
+        self.scheduler = build_scheduler(self.optimizer, self.config, total)
+        self.progress = Progress()
+        if state is not None:
+            self._restore(state)
 
     def _total_steps(self, per_epoch: int | None) -> int:
         if self.config.max_steps is not None:
@@ -261,9 +274,11 @@ class Trainer:
                 if self._milestone(evaluate, save, eval_data, monitor):
                     return True
                 if p.step >= total:
-                    return False
+                    break
             if seen == 0 and spec is None:
                 break  # a one-shot iterable of batches is exhausted
+            if p.step >= total and (self._per_epoch is None or p.batch < self._per_epoch):
+                return False  # stopped mid-epoch by max_steps
             p.epoch, p.batch = p.epoch + 1, 0
             if self._milestone(
                 cfg.eval_every == "epoch", cfg.save_every == "epoch", eval_data, monitor

@@ -74,6 +74,17 @@ class RunDirectory:
         newest = self.newest()
         return newest[1] if newest else None
 
+    def start_fresh(self) -> None:
+        """Refuse to mix a new run into a directory holding another run's checkpoints."""
+        newest = self.newest()
+        if newest is not None:
+            raise ValueError(
+                f"{self.path} already holds checkpoints ({newest[1].name}); pass "
+                "resume_from='latest' to continue that run, or use another output_dir"
+            )
+        if self.log_path is not None and self.where.main:
+            truncate_log(self.log_path, 0)
+
     def read(self, path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         """The training state in ``path``; ``settings`` must equal those it was saved with."""
         state = S.read_state(path)
