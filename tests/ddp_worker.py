@@ -24,10 +24,11 @@ from trainer_data import lm_data, lora_transformer
 STEPS = 4
 
 
-def run(out: Path, batch_size: int, world: int = 1) -> Trainer:
+def run(out: Path, batch_size: int, grad_accum: int = 1) -> Trainer:
     model = lora_transformer()
     config = TrainConfig(
         batch_size=batch_size,
+        grad_accum=grad_accum,
         max_steps=STEPS,
         lr=1e-2,
         task="causal_lm",
@@ -83,5 +84,5 @@ def fsdp2_loop(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(Path(sys.argv[1]), batch_size=int(sys.argv[2]))
+    run(Path(sys.argv[1]), batch_size=int(sys.argv[2]), grad_accum=int(sys.argv[3]))
     fsdp2_loop(Path(sys.argv[1]))  # reuses the process group the Trainer started

@@ -33,7 +33,8 @@ def test_two_processes_match_each_other_and_one_process_on_the_combined_batch(
         "--nproc_per_node=2",
         str(HERE / "ddp_worker.py"),
         str(tmp_path / "ddp"),
-        "4",
+        "2",  # per process: 2 micro-batches of 2 per step (no_sync on the first)
+        "2",
     ]
     (tmp_path / "ddp").mkdir()
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
@@ -49,7 +50,7 @@ def test_two_processes_match_each_other_and_one_process_on_the_combined_batch(
 
     single_dir = tmp_path / "single"
     single_dir.mkdir()
-    ddp_worker.run(single_dir, batch_size=8)  # the same examples per step, in one batch
+    ddp_worker.run(single_dir, batch_size=8)  # the same 8 examples per step, in one batch
     single = load_file(str(single_dir / "rank0.safetensors"))
     for key, value in single.items():
         assert torch.allclose(value, ranks[0][key], atol=1e-5), key
