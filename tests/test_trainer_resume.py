@@ -13,11 +13,12 @@ from torch import nn
 
 import peftkit
 from peftkit import CheckpointError, TrainConfig, Trainer
+from peftkit.methods.lora import Lora
 from peftkit.training import state as S
 from peftkit.training.tasks import TaskLoss
 
 from helpers import perturb
-from trainer_data import adapter_tensors, classification_data, lora_bert
+from trainer_data import adapter_tensors, classification_data, lm_data, lora_bert, lora_transformer
 from zoo import TinyMLP
 
 
@@ -223,3 +224,44 @@ def _assert_same(a: Any, b: Any) -> None:
             _assert_same(x, y)
     else:
         assert a == b
+
+
+def test_methods_with_runtime_state_are_reapplied_on_resume(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A method whose checkpoint carries runtime state is re-applied through load_adapter (so its own
+    loader restores that state); the resumed run is still exact."""
+    restored: list[dict[str, Any]] = []
+    monkeypatch.setattr(Lora, "extra_state", lambda self: {"live": 1})
+    monkeypatch.setattr(Lora, "load_extra_state", lambda self, state: restored.append(state))
+
+    def run(out: Path, kill: int | None, resume: Any = None) -> nn.Module:
+        model = lora_transformer()
+        calls = {"n": 0}
+        default = TaskLoss("causal_lm")
+
+        def loss_fn(m: nn.Module, batch: Any) -> torch.Tensor:
+            calls["n"] += 1
+            if kill is not None and calls["n"] > kill:
+                raise Killed
+            return default(m, batch)
+
+        config = TrainConfig(
+            batch_size=4,
+            epochs=2,
+            lr=1e-2,
+            save_every=1,
+            output_dir=str(out),
+            progress=False,
+            eval_every=None,
+        )
+        Trainer(model, config, loss_fn=loss_fn).fit(lm_data(16), resume_from=resume)
+        return model
+
+    reference = adapter_tensors(run(tmp_path / "a", None))
+    with pytest.raises(Killed):
+        run(tmp_path / "b", 5)
+    model = run(tmp_path / "b", None, resume="latest")
+    assert restored == [{"live": 1}]
+    for key, value in adapter_tensors(model).items():
+        assert torch.equal(value, reference[key]), key
