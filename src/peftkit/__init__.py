@@ -2,11 +2,12 @@
 
 from peftkit import apply_lora, save_adapter, merge_and_unload
 apply_lora(model, r=8, targets=["q_proj", "v_proj"])   # in place; base frozen
-...train...
+Trainer(model, TrainConfig(epochs=3, lr=1e-3)).fit(train_dataset, eval_dataset)
 save_adapter(model, "out/")
 merge_and_unload(model)                                  # plain model, no adapter overhead
 """
 
+from . import losses, metrics
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
 from .compose import combine_lora, compose, ensemble
@@ -36,6 +37,9 @@ from .methods.lora import LoraConfig, apply_lora
 from .registry import methods, register_method
 from .summary import TrainableSummary, trainable_summary
 from .targeting import TargetError
+from .trainer import Trainer
+from .training.config import TrainConfig
+from .training.progress import NonFiniteLossError, TrainResult
 
 __all__ = [
     "ALL_LINEAR",
@@ -47,11 +51,15 @@ __all__ = [
     "MergeReport",
     "Method",
     "MethodConfig",
+    "NonFiniteLossError",
     "SavedModule",
     "SwapMethod",
     "TargetError",
     "TargetedConfig",
+    "TrainConfig",
+    "TrainResult",
     "TrainableSummary",
+    "Trainer",
     "__version__",
     "active_adapters",
     "adapter_state_dict",
@@ -67,9 +75,11 @@ __all__ = [
     "ensemble",
     "load_adapter",
     "load_adapter_state_dict",
+    "losses",
     "merge",
     "merge_and_unload",
     "methods",
+    "metrics",
     "register_method",
     "regularizer",
     "save_adapter",

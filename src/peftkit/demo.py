@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import statistics
 import tempfile
-import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -21,10 +20,11 @@ import torch
 from torch import nn
 
 from .checkpoint import load_adapter, save_adapter
-from .core import apply, merge_and_unload, regularizer, step_hooks
-from .core import trainable_parameters as adapter_parameters
+from .core import apply, merge_and_unload
 from .registry import methods, spec
 from .summary import trainable_summary
+from .trainer import Trainer
+from .training.config import TrainConfig
 
 VOCAB = 128
 TASK_TOKENS = 16
@@ -94,24 +94,21 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
 def train(
     model: nn.Module, steps: int, lr: float, batches: Iterator[torch.Tensor]
 ) -> tuple[list[float], list[float]]:
-    """A plain loop with the method hooks; returns per-step losses and step times (s)."""
-    opt = torch.optim.AdamW(adapter_parameters(model), lr=lr, weight_decay=0.0)
-    model.train()
-    losses, times = [], []
-    for step in range(steps):
-        ids = next(batches)
-        start = time.perf_counter()
-        loss = lm_loss(model, ids)
-        reg = regularizer(model)
-        total = loss if reg is None else loss + reg
-        total.backward()
-        opt.step()
-        step_hooks(model, step)
-        opt.zero_grad(set_to_none=True)
-        times.append(time.perf_counter() - start)
-        losses.append(loss.item())
-    model.eval()
-    return losses, times
+    """Train with the Trainer (AdamW, constant lr, no clipping, on CPU); returns per-step losses and
+    step times (s). The Trainer's step is the plain loop with the method hooks (docs/trainer.md)."""
+    config = TrainConfig(
+        max_steps=steps,
+        lr=lr,
+        schedule="constant",
+        max_grad_norm=None,
+        eval_every=None,
+        save_every=None,
+        progress=False,
+        device="cpu",
+    )
+    trainer = Trainer(model, config, loss_fn=lm_loss)
+    trainer.fit(batches)
+    return [r["loss"] for r in trainer.history], [r["step_time_s"] for r in trainer.history]
 
 
 def run_method(name: str, make_model: Callable[[], nn.Module], steps: int, lr: float) -> DemoRow:

@@ -1,0 +1,61 @@
+"""Making a model ready to train: device, activation checkpointing, the adversarial hook, DDP and
+``torch.compile``, in that order (DDP wraps the model the hooks are on; compile wraps DDP)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import cast
+
+import torch
+from torch import nn
+
+from ..losses.adversarial import EmbeddingAttack, find_input_embedding
+from . import distributed
+from .config import TrainConfig
+from .distributed import Dist
+from .optim import parameters_to_train
+
+
+@dataclass
+class Prepared:
+    model: nn.Module  # what the step calls: the model, or its DDP / compiled wrapper
+    ddp: nn.parallel.DistributedDataParallel | None
+    attack: EmbeddingAttack | None
+
+
+def prepare(model: nn.Module, config: TrainConfig, device: torch.device, where: Dist) -> Prepared:
+    model.to(device)
+    if config.gradient_checkpointing:
+        enable_checkpointing(model)
+    attack = None
+    if config.adversarial is not None:
+        attack = EmbeddingAttack(
+            find_input_embedding(model),
+            method=config.adversarial,
+            epsilon=config.adv_epsilon,
+            alpha=config.adv_alpha,
+            steps=config.adv_steps,
+        )
+    model.train()
+    parameters_to_train(model)  # a clear error before DDP's when nothing is trainable
+    wrapped = distributed.wrap(model, device, where, config.find_unused_parameters)
+    ddp = wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None
+    if config.compile:
+        wrapped = cast(nn.Module, torch.compile(wrapped))
+    return Prepared(wrapped, ddp, attack)
+
+
+def enable_checkpointing(model: nn.Module) -> None:
+    """HF activation (gradient) checkpointing, non-reentrant: it needs no input that requires grad."""
+    kwargs = {"use_reentrant": False}
+    new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
+    old = getattr(model, "gradient_checkpointing_enable", None)
+    if callable(new):
+        new(activation_checkpointing_kwargs=kwargs)
+    elif callable(old):
+        old(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            "gradient_checkpointing needs an HF model (gradient_checkpointing_enable); "
+            "for other models wrap blocks in torch.utils.checkpoint"
+        )

@@ -1,0 +1,244 @@
+"""Training state on disk without pickle: tensors in safetensors, everything else in JSON.
+
+``flatten`` turns nested state (optimiser and scaler state dicts, RNG states, counters) into a JSON
+document plus a flat ``{key: tensor}`` map; ``unflatten`` reverses it exactly, including tuples,
+integer dict keys and numpy arrays. Checkpoint directories are written under a temporary name and
+renamed into place, so a directory named ``checkpoint-N`` is always complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..checkpoint import (
+    CONFIG_NAME,
+    CheckpointError,
+    load_adapter,
+    read_checkpoint,
+    save_adapter,
+)
+from ..core import adapters, delete_adapter, load_adapter_state_dict
+
+STATE_JSON = "trainer_state.json"
+STATE_TENSORS = "trainer_state.safetensors"
+TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+_TENSOR, _ARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
+
+
+# -- nested state <-> JSON + tensors -------------------------------------------------------------
+def flatten(obj: Any, tensors: dict[str, torch.Tensor], path: str = "state") -> Any:
+    """``obj`` as JSON data; its tensors and arrays are moved into ``tensors`` under their path."""
+    if isinstance(obj, torch.Tensor):
+        tensors[path] = obj.detach().to("cpu", copy=True).contiguous()
+        return {_TENSOR: path}
+    if isinstance(obj, np.ndarray):
+        tensors[path] = torch.from_numpy(obj.astype(np.int64) if obj.dtype.kind == "u" else obj)
+        return {_ARRAY: path, "dtype": str(obj.dtype)}
+    if isinstance(obj, dict):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: flatten(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+        items = list(obj.items())
+        return {_ITEMS: [[k, flatten(v, tensors, f"{path}.{i}")] for i, (k, v) in enumerate(items)]}
+    if isinstance(obj, (list, tuple)):
+        flat = [flatten(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+        return {_TUPLE: flat} if isinstance(obj, tuple) else flat
+    if isinstance(obj, (np.integer, np.floating, np.bool_)):
+        return obj.item()
+    if obj is None or isinstance(obj, (bool, int, float, str)):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} at {path} in the training state")
+
+
+def unflatten(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    """Inverse of ``flatten``."""
+    if isinstance(obj, list):
+        return [unflatten(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if _TENSOR in obj:
+        return tensors[obj[_TENSOR]]
+    if _ARRAY in obj:
+        return tensors[obj[_ARRAY]].numpy().astype(obj["dtype"])
+    if _TUPLE in obj:
+        return tuple(unflatten(v, tensors) for v in obj[_TUPLE])
+    if _ITEMS in obj:
+        return {_key(k): unflatten(v, tensors) for k, v in obj[_ITEMS]}
+    return {k: unflatten(v, tensors) for k, v in obj.items()}
+
+
+def _key(key: Any) -> Any:
+    return tuple(key) if isinstance(key, list) else key
+
+
+def write_state(directory: Path, state: dict[str, Any]) -> None:
+    """Write ``state`` as ``trainer_state.json`` + ``trainer_state.safetensors`` in ``directory``."""
+    tensors: dict[str, torch.Tensor] = {}
+    doc = flatten(state, tensors)
+    save_file(tensors, str(directory / STATE_TENSORS))
+    (directory / STATE_JSON).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+
+
+def read_state(directory: Path) -> dict[str, Any]:
+    json_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
+    if not json_path.exists() or not tensor_path.exists():
+        raise CheckpointError(
+            f"{directory} is not a training checkpoint (no {STATE_JSON}); pass a checkpoint-N "
+            "directory written by the Trainer, or resume_from='latest' with the same output_dir"
+        )
+    state = unflatten(json.loads(json_path.read_text(encoding="utf-8")), load_file(tensor_path))
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{json_path} is not a training state")
+    return state
+
+
+# -- weights ---------------------------------------------------------------------------------------
+def save_weights(model: nn.Module, directory: Path) -> None:
+    """The adapters (``save_adapter``), or for a model without adapters its trainable parameters."""
+    if adapters(model):
+        save_adapter(model, directory)
+        return
+    trainable = {
+        name: p.detach().to("cpu", copy=True).contiguous()
+        for name, p in model.named_parameters()
+        if p.requires_grad
+    }
+    save_file(trainable, str(directory / TRAINABLE_WEIGHTS))
+
+
+def load_weights(model: nn.Module, directory: Path) -> None:
+    """Restore what ``save_weights`` wrote into ``model``.
+
+    Adapters identical to the saved ones (names, methods, configs) and without runtime state are
+    loaded in place, keeping parameter objects (and references to them) alive. Otherwise the model's
+    adapters are removed and the saved ones applied through ``load_adapter``, so a method's runtime
+    state (``extra_state``, e.g. AdaLoRA's live ranks) is restored the way its own loader expects.
+    """
+    if (directory / CONFIG_NAME).exists():
+        doc, tensors = read_checkpoint(directory)
+        if _same_adapters(model, doc["adapters"]):
+            load_adapter_state_dict(model, tensors)
+            return
+        for name in reversed(list(adapters(model))):
+            delete_adapter(model, name)
+        load_adapter(model, directory)
+        return
+    tensors = load_file(str(directory / TRAINABLE_WEIGHTS))
+    params = dict(model.named_parameters())
+    wrong = sorted(k for k in tensors if k not in params or params[k].shape != tensors[k].shape)
+    if wrong:
+        raise CheckpointError(f"{directory}: tensors {wrong[:5]} do not fit this model")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def _same_adapters(model: nn.Module, entries: list[dict[str, Any]]) -> bool:
+    methods = adapters(model)
+    if [e["name"] for e in entries] != list(methods):
+        return False
+    return all(
+        e["method"] == methods[e["name"]].name
+        and e["config"] == methods[e["name"]].config.to_dict()
+        and not e.get("state")
+        and not methods[e["name"]].extra_state()
+        and bool(e.get("active", True)) == methods[e["name"]].active
+        for e in entries
+    )
+
+
+# -- random number generators --------------------------------------------------------------------
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    """Python, numpy, torch and (when initialised) CUDA generator states."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": cuda,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- directories -----------------------------------------------------------------------------------
+@contextmanager
+def atomic_directory(final: Path) -> Iterator[Path]:
+    """Yield a temporary directory; on success its files are fsynced and it is renamed to ``final``."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.{uuid.uuid4().hex}.tmp"
+    tmp.mkdir()
+    try:
+        yield tmp
+        for path in tmp.rglob("*"):
+            if path.is_file():
+                with open(path, "rb") as f:
+                    os.fsync(f.fileno())
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = final.parent / f".{final.name}.{uuid.uuid4().hex}.old"
+    if final.exists():
+        os.replace(final, old)
+    os.replace(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(final.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Complete ``checkpoint-N`` directories in ``output_dir``, oldest first."""
+    found = []
+    for path in output_dir.glob("checkpoint-*") if output_dir.is_dir() else []:
+        suffix = path.name.removeprefix("checkpoint-")
+        if suffix.isdigit() and (path / STATE_JSON).exists():
+            found.append((int(suffix), path))
+    return sorted(found)
+
+
+def prune_checkpoints(output_dir: Path, keep: int | None) -> None:
+    """Delete all but the newest ``keep`` checkpoints (None keeps all)."""
+    if keep is None:
+        return
+    for _, path in checkpoints(output_dir)[:-keep]:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.parent / f".{path.name}.{uuid.uuid4().hex}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(json.dumps(data, indent=1) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
