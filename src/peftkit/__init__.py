@@ -27,7 +27,7 @@ from .core import (
     unload,
     unmerge,
 )
-from .layers import AdapterLayer, SavedModule
+from .layers import AdapterLayer, AdapterModule, SavedModule
 from .methods.base import MergeReport, Method, SwapMethod
 from .methods.lora import LoraConfig, apply_lora
 from .registry import methods, register_method
@@ -37,6 +37,7 @@ from .targeting import TargetError
 __all__ = [
     "ALL_LINEAR",
     "AdapterLayer",
+    "AdapterModule",
     "CheckpointError",
     "LoraConfig",
     "MergeReport",

@@ -55,7 +55,9 @@ class AdapterLayer(nn.Module):
         """The original module's ``weight``."""
         weight = getattr(self.base_layer(), "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"{type(self.base_layer()).__name__} at {self.path!r} has no weight tensor")
+            raise TypeError(
+                f"{type(self.base_layer()).__name__} at {self.path!r} has no weight tensor"
+            )
         return weight
 
     def named_adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -113,6 +115,13 @@ class AdapterLayer(nn.Module):
     def extra_repr(self) -> str:
         state = "merged" if self.merged else ("active" if self.active else "inactive")
         return f"adapter={self.adapter_name!r}, {state}"
+
+
+class AdapterModule(nn.Module):
+    """A module an adapter adds to the model beside the base's own, wrapping nothing (e.g. the key/value
+    tables of prefix-tuning). Its parameters belong to the adapter that added it; targeting never
+    selects it or walks into it, so a method applied later never adapts another adapter's internals.
+    """
 
 
 class SavedModule(AdapterLayer):
