@@ -30,6 +30,7 @@ from .core import (
 from .layers import AdapterLayer, AdapterModule, SavedModule
 from .methods.base import MergeReport, Method, SwapMethod
 from .methods.lora import LoraConfig, apply_lora
+from .methods.prefix import PrefixConfig, apply_prefix, fold_prefix
 from .registry import methods, register_method
 from .summary import TrainableSummary, trainable_summary
 from .targeting import TargetError
@@ -43,6 +44,7 @@ __all__ = [
     "MergeReport",
     "Method",
     "MethodConfig",
+    "PrefixConfig",
     "SavedModule",
     "SwapMethod",
     "TargetError",
@@ -54,8 +56,10 @@ __all__ = [
     "adapters",
     "apply",
     "apply_lora",
+    "apply_prefix",
     "delete_adapter",
     "disable_adapters",
+    "fold_prefix",
     "load_adapter",
     "load_adapter_state_dict",
     "merge",
