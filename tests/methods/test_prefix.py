@@ -217,6 +217,11 @@ def test_greedy_generate_with_cache_equals_full_recomputation(kind: str) -> None
         input_ids=ids, attention_mask=mask, max_new_tokens=6, do_sample=False, use_cache=False
     )
     assert torch.equal(no_cache, generated)
+    embeds = model.get_input_embeddings()(ids)
+    from_embeds = model.generate(
+        inputs_embeds=embeds, attention_mask=mask, max_new_tokens=6, do_sample=False
+    )
+    assert torch.equal(from_embeds, generated[:, -6:])  # returns only the new tokens
     for b, row in enumerate(rows):
         alone = model.generate(input_ids=row.unsqueeze(0), max_new_tokens=6, do_sample=False)
         assert torch.equal(alone[0, -6:], generated[b, -6:])
