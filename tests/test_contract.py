@@ -1,7 +1,8 @@
 """The contract every registered method keeps, on every tiny model (DESIGN.md, "Tests").
 
 A new built-in method adds one entry to CONTRACT_CONFIGS; the test that checks coverage fails until it
-does.
+does. A (method, model) pair the method genuinely cannot handle is declared in UNSUPPORTED with the
+error it must raise; it is tested for that error, never skipped.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit import AdapterConfig, FullConfig, LoraConfig, MethodConfig
+from peftkit import AdapterConfig, FullConfig, LoraConfig, MethodConfig, PrefixConfig
 from peftkit.registry import spec
 
 from helpers import perturb, snapshot
@@ -43,15 +44,49 @@ CONTRACT_CONFIGS: dict[str, Callable[[Case], MethodConfig]] = {
         modules_to_save=case.head,
     ),
     "full": lambda case: FULL_CONFIGS[case.name](case),
+    "prefix": lambda case: PrefixConfig(prefix_length=3, modules_to_save=case.head),
+}
+
+# (method, case) -> (exception type, regex its message must match). The message names what is
+# supported, so a user learns what to do instead.
+PREFIX_SUPPORTED = r"Supported: decoder LMs and encoders of model_type gpt2, llama, .*bert"
+UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
+    ("prefix", "mlp"): (
+        TypeError,
+        r"TinyMLP: it is not a transformers model\. " + PREFIX_SUPPORTED,
+    ),
+    ("prefix", "transformer"): (
+        TypeError,
+        r"TinyTransformer: it is not a transformers model\. " + PREFIX_SUPPORTED,
+    ),
+    ("prefix", "t5"): (TypeError, r"model_type 't5'\)\. " + PREFIX_SUPPORTED),
 }
 
 BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startswith("peftkit.")]
-PAIRS = [(m, c) for m in BUILTIN for c in CASES]
+PAIRS = [(m, c) for m in BUILTIN for c in CASES if (m, c) not in UNSUPPORTED]
 
 
 def test_every_builtin_method_has_a_contract_config() -> None:
     missing = [m for m in BUILTIN if m not in CONTRACT_CONFIGS]
     assert not missing, f"add contract configs for {missing}"
+    stale = [pair for pair in UNSUPPORTED if pair[0] not in BUILTIN or pair[1] not in CASES]
+    assert not stale, f"UNSUPPORTED names unknown methods or models: {stale}"
+
+
+@pytest.mark.parametrize(("method", "case_name"), sorted(UNSUPPORTED))
+def test_unsupported_pairs_raise_a_clear_error_and_leave_the_model_as_it_was(
+    method: str, case_name: str
+) -> None:
+    _, model, config = _setup(method, case_name)
+    original = snapshot(model)
+    types = {n: type(m) for n, m in model.named_modules()}
+    error, message = UNSUPPORTED[(method, case_name)]
+    with pytest.raises(error, match=message):
+        peftkit.apply(model, config)
+    assert not peftkit.adapters(model)
+    assert {n: type(m) for n, m in model.named_modules()} == types
+    assert all(torch.equal(v, original[k]) for k, v in snapshot(model).items())
+    assert all(p.requires_grad for p in model.parameters())
 
 
 def _setup(method: str, case_name: str) -> tuple[Case, torch.nn.Module, MethodConfig]:

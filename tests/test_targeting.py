@@ -76,3 +76,14 @@ def test_walk_treats_wrappers_as_the_module_they_wrap() -> None:
     apply_lora(model, targets=["q_proj"], adapter_name="second")
     top = get_module(model, "layers.0.q_proj")
     assert top.adapter_name == "second" and top.base.adapter_name == "default"
+
+
+def test_modules_an_adapter_adds_beside_the_base_are_never_walked_or_targeted() -> None:
+    model = TinyTransformer()
+    owned = peftkit.AdapterModule()
+    owned.proj = nn.Linear(4, 4)
+    model.layers[0].extra = owned
+    assert not [n for n, _ in iter_modules(model) if "extra" in n]
+    assert "layers.0.extra.proj" not in _names(model, targets="all-linear")
+    with pytest.raises(TargetError, match="matched no module"):
+        _names(model, targets=["extra.proj"])

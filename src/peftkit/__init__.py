@@ -29,11 +29,12 @@ from .core import (
     unload,
     unmerge,
 )
-from .layers import AdapterLayer, SavedModule
+from .layers import AdapterLayer, AdapterModule, SavedModule
 from .methods.adapter import AdapterConfig, apply_adapter
 from .methods.base import MergeReport, Method, SwapMethod
 from .methods.full import FullConfig, apply_full
 from .methods.lora import LoraConfig, apply_lora
+from .methods.prefix import PrefixConfig, apply_prefix, fold_prefix
 from .registry import methods, register_method
 from .summary import TrainableSummary, trainable_summary
 from .targeting import TargetError
@@ -45,6 +46,7 @@ __all__ = [
     "ALL_LINEAR",
     "AdapterConfig",
     "AdapterLayer",
+    "AdapterModule",
     "CheckpointError",
     "FullConfig",
     "LoraConfig",
@@ -52,6 +54,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "NonFiniteLossError",
+    "PrefixConfig",
     "SavedModule",
     "SwapMethod",
     "TargetError",
@@ -68,11 +71,13 @@ __all__ = [
     "apply_adapter",
     "apply_full",
     "apply_lora",
+    "apply_prefix",
     "combine_lora",
     "compose",
     "delete_adapter",
     "disable_adapters",
     "ensemble",
+    "fold_prefix",
     "load_adapter",
     "load_adapter_state_dict",
     "losses",

@@ -117,6 +117,13 @@ class AdapterLayer(nn.Module):
         return f"adapter={self.adapter_name!r}, {state}"
 
 
+class AdapterModule(nn.Module):
+    """A module an adapter adds to the model beside the base's own, wrapping nothing (e.g. the key/value
+    tables of prefix-tuning). Its parameters belong to the adapter that added it; targeting never
+    selects it or walks into it, so a method applied later never adapts another adapter's internals.
+    """
+
+
 class SavedModule(AdapterLayer):
     """A module trained in full for one adapter (``modules_to_save``), e.g. a new task head.
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from torch import nn
 
 from .config import ALL_LINEAR, TargetedConfig
-from .layers import AdapterLayer
+from .layers import AdapterLayer, AdapterModule
 
 # Block lists we recognise when ``layers`` is given: model.layers.3, transformer.h.3, encoder.layer.3,
 # encoder.block.3 (T5), blocks.3.
@@ -27,11 +27,15 @@ class TargetError(ValueError):
 
 
 def iter_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
-    """Yield ``(canonical_name, module)``; adapter layers stand in for the module they wrap."""
+    """Yield ``(canonical_name, module)``; adapter layers stand in for the module they wrap.
+
+    Modules an adapter added beside the base (``AdapterModule``) are not part of the model's names.
+    """
     yield prefix, model
     inner = model.base_layer() if isinstance(model, AdapterLayer) else model
     for child_name, child in inner.named_children():
-        yield from iter_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
+        if not isinstance(child, AdapterModule):
+            yield from iter_modules(child, f"{prefix}.{child_name}" if prefix else child_name)
 
 
 def get_module(model: nn.Module, name: str) -> nn.Module:

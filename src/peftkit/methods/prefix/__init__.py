@@ -1,0 +1,268 @@
+"""Prefix-tuning (Li & Liang, 2021): trainable keys and values prepended to every attention layer.
+
+Each attention layer attends over ``[P_k; K]`` / ``[P_v; V]``: ``length`` virtual tokens whose keys and
+values are learned, then the real ones. The base stays frozen; only the prefix (and modules_to_save)
+trains. Optionally the prefix is produced by an MLP during training (more stable, per the paper) and
+folded into plain tensors afterwards (``fold_prefix``); checkpoints always hold the folded prefix.
+
+The prefix reaches attention through transformers' public KV-cache interface (see ``injection``), so
+it works in training, in ``generate()`` with the cache, and with padded batches.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ...config import MethodConfig, check_finite_number, check_positive_int
+from ...registry import register_method
+from ..base import MergeReport, Method, apply_with
+from .injection import (
+    ATTR,
+    SUPPORTED_MODEL_TYPES,
+    TRANSFORMERS_RANGE,
+    PrefixInjector,
+    UnsupportedModelError,
+    locate,
+    supported_range,
+)
+from .table import KVShape, PrefixTable
+
+__all__ = [
+    "SUPPORTED_MODEL_TYPES",
+    "TRANSFORMERS_RANGE",
+    "KVShape",
+    "Prefix",
+    "PrefixConfig",
+    "PrefixTable",
+    "UnsupportedModelError",
+    "apply_prefix",
+    "fold_prefix",
+    "supported_range",
+]
+
+_KEY = "prefix.key_values"
+_NOT_MERGEABLE = (
+    "prefix-tuning adds attention keys and values, which no weight update reproduces; it stays "
+    "(fold_prefix(model) removes its MLP)"
+)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PrefixConfig(MethodConfig):
+    """Prefix-tuning settings.
+
+    prefix_length: number of virtual tokens whose keys/values every attention layer attends to.
+    mlp_hidden: train the prefix through an MLP (embedding -> linear -> tanh -> linear) of this hidden
+        width; None trains the keys/values directly. ``fold_prefix`` drops the MLP after training.
+    init_std: standard deviation of the random initial prefix (default 0.02: close to the base model
+        at the start) or of the MLP's input embedding (default 1.0, as ``nn.Embedding``).
+    init_token_ids: initialise the prefix with the keys/values the model computes for these tokens
+        (``prefix_length`` ids; Li & Liang's initialisation from real words). Needs ``mlp_hidden=None``.
+    """
+
+    prefix_length: int = 16
+    mlp_hidden: int | None = None
+    init_std: float | None = None
+    init_token_ids: Sequence[int] | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        check_positive_int("prefix_length", self.prefix_length)
+        if self.mlp_hidden is not None:
+            check_positive_int("mlp_hidden", self.mlp_hidden)
+        if self.init_std is not None:
+            check_finite_number("init_std", self.init_std, positive=True)
+        if self.init_token_ids is not None:
+            self._check_init_tokens()
+
+    def std(self, mlp: bool) -> float:
+        """The initial standard deviation for a plain prefix or (``mlp``) the MLP's embedding."""
+        if self.init_std is not None:
+            return float(self.init_std)
+        return 1.0 if mlp else 0.02
+
+    def _check_init_tokens(self) -> None:
+        ids = self.init_token_ids
+        if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+            raise ValueError(f"init_token_ids must be a list of token ids, got {ids!r}")
+        if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in ids):
+            raise ValueError(f"init_token_ids must be non-negative integers, got {list(ids)}")
+        if len(ids) != self.prefix_length:
+            raise ValueError(
+                f"init_token_ids has {len(ids)} ids but prefix_length is {self.prefix_length}; "
+                "give one id per virtual token"
+            )
+        if self.mlp_hidden is not None:
+            raise ValueError(
+                "init_token_ids sets the prefix itself, which an MLP would recompute; "
+                "use mlp_hidden=None with init_token_ids"
+            )
+
+
+@register_method("prefix", PrefixConfig)
+class Prefix(Method):
+    """Trainable key/value prefixes on every attention layer of a transformers model."""
+
+    starts_at_identity = False
+    config: PrefixConfig
+
+    @classmethod
+    def demo_config(cls, total_steps: int) -> MethodConfig:
+        return PrefixConfig(prefix_length=8, mlp_hidden=64)
+
+    def __init__(self, config: MethodConfig, adapter_name: str) -> None:
+        super().__init__(config, adapter_name)
+        self.table: PrefixTable | None = None
+        self.start_folded = False  # set when loading a checkpoint, which holds the folded prefix
+
+    # -- lifecycle ---------------------------------------------------------------------------
+    def inject(self, model: nn.Module) -> None:
+        body, shape, encoder = locate(model)
+        weight = next(body.parameters())
+        mlp_hidden = None if self.start_folded else self.config.mlp_hidden
+        table = PrefixTable(
+            self.adapter_name,
+            shape,
+            self.config.prefix_length,
+            mlp_hidden=mlp_hidden,
+            init_std=self.config.std(mlp=mlp_hidden is not None),
+            device=weight.device,
+            dtype=weight.dtype,
+        )
+        if self.config.init_token_ids is not None and not self.start_folded:
+            _init_from_tokens(body, table, self.config.init_token_ids)
+        injector = PrefixInjector.install(body, encoder)
+        injector.tables[self.adapter_name] = table
+        self.table = table
+        self.inject_saved_modules(model)
+
+    def remove(self, model: nn.Module) -> None:
+        super().remove(model)
+        body = getattr(model, "base_model", model)
+        injector = body._modules.get(ATTR)
+        if isinstance(injector, PrefixInjector):
+            if self.adapter_name in injector.tables:
+                del injector.tables[self.adapter_name]
+            if not len(injector.tables):
+                injector.uninstall(body)
+        self.table = None
+
+    def is_empty(self) -> bool:
+        return super().is_empty() and self.table is None
+
+    # -- tensors -----------------------------------------------------------------------------
+    def parameters(self) -> Iterator[nn.Parameter]:
+        yield from super().parameters()
+        if self.table is not None:
+            yield from self.table.parameters()
+
+    def state_dict(self, model: nn.Module) -> dict[str, torch.Tensor]:
+        """Saved modules' tensors, and the prefix as a plain tensor (computed if an MLP makes it)."""
+        own = super().state_dict(model)
+        if self.table is not None:
+            table = self.table
+            own[_KEY] = table.key_values if table.key_values is not None else table.values_now()
+        return own
+
+    def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
+        """Copy ``tensors`` in; an adapter still training through its MLP is folded to the loaded
+        prefix (an MLP input that produces it cannot be recovered)."""
+        rest = {k: v for k, v in tensors.items() if k != _KEY}
+        super().load_state_dict(model, rest)
+        if self.table is not None and _KEY in tensors:
+            self.table.load(tensors[_KEY])
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"folded": True}  # checkpoints hold the prefix itself, never the MLP
+
+    def load_extra_state(self, state: dict[str, Any]) -> None:
+        self.start_folded = bool(state.get("folded", False))
+
+    # -- switching and merging ---------------------------------------------------------------
+    def set_active(self, active: bool) -> None:
+        if self.table is not None:
+            self.table.active = active
+        super().set_active(active)
+
+    def merge(self, model: nn.Module, *, unload: bool) -> MergeReport:
+        """Saved modules merge as usual; the prefix is not a weight update and stays (reported)."""
+        report = super().merge(model, unload=unload)
+        if self.table is not None:
+            report.kept[f"{self.adapter_name}:prefix"] = _NOT_MERGEABLE
+        return report
+
+    def fold(self) -> bool:
+        """Replace the MLP by the prefix it computes; False when there was none."""
+        if self.table is None or self.table.folded:
+            return False
+        self.table.fold()
+        return True
+
+    def describe(self) -> dict[str, Any]:
+        if self.table is None:
+            return {}
+        how = "plain" if self.table.folded else f"mlp {self.config.mlp_hidden}"
+        return {"prefix": self.table.length, "table": how}
+
+
+def _init_from_tokens(body: nn.Module, table: PrefixTable, ids: Sequence[int]) -> None:
+    """Set ``table`` to the keys/values ``body`` computes for ``ids`` (as seen by the current model)."""
+    from transformers import DynamicCache
+
+    device = next(body.parameters()).device
+    cache = DynamicCache(config=getattr(body, "config", None))
+    was_training = body.training
+    body.eval()
+    try:
+        with torch.no_grad():
+            body(input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache)
+    finally:
+        body.train(was_training)
+    n = len(ids)
+    pairs = [(getattr(layer, "keys"), getattr(layer, "values")) for layer in cache.layers]  # noqa: B009
+    if len(pairs) != table.shape.layers:
+        raise UnsupportedModelError(
+            f"init_token_ids: {type(body).__name__} cached {len(pairs)} of {table.shape.layers} "
+            "layers' keys/values; initialise the prefix randomly (init_token_ids=None)"
+        )
+    table.load(torch.stack([torch.stack([k[0, :, -n:], v[0, :, -n:]]) for k, v in pairs]))
+
+
+def apply_prefix(
+    model: nn.Module,
+    config: PrefixConfig | None = None,
+    *,
+    adapter_name: str = "default",
+    **fields: Any,
+) -> nn.Module:
+    """Add prefix-tuning to ``model`` in place and return it: ``apply_prefix(model, prefix_length=16)``.
+
+    Takes a ``PrefixConfig`` or its fields as keywords. The base is frozen; only the prefix trains.
+    """
+    return apply_with(PrefixConfig, model, config, adapter_name, fields)
+
+
+def fold_prefix(model: nn.Module, adapter_names: Sequence[str] | None = None) -> list[str]:
+    """Replace each prefix adapter's MLP by the plain keys/values it computes; returns the names folded.
+
+    Outputs are unchanged (bit for bit). Call it when training ends: inference then carries no MLP.
+    Folding makes new parameters, so an optimiser built before it no longer updates the prefix.
+    """
+    from ...core import adapters
+
+    found = adapters(model)
+    names = list(adapter_names) if adapter_names is not None else list(found)
+    unknown = [n for n in names if n not in found]
+    if unknown:
+        raise KeyError(f"no adapter named {unknown}; the model has {list(found)}")
+    folded = []
+    for name in names:
+        method = found[name]
+        if isinstance(method, Prefix) and method.fold():
+            folded.append(name)
+    return folded
