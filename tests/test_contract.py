@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit import LoraConfig, MethodConfig
+from peftkit import AdaLoraConfig, LoraConfig, MethodConfig
 from peftkit.registry import spec
 
 from helpers import perturb, snapshot
@@ -21,6 +21,9 @@ from zoo import CASES, Case
 
 CONTRACT_CONFIGS: dict[str, Callable[[Case], MethodConfig]] = {
     "lora": lambda case: LoraConfig(r=4, alpha=8, modules_to_save=case.head),
+    "adalora": lambda case: AdaLoraConfig(
+        init_r=4, target_r=2, total_steps=10, t_init=2, t_final=2, modules_to_save=case.head
+    ),
 }
 
 BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startswith("peftkit.")]

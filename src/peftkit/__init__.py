@@ -28,6 +28,7 @@ from .core import (
     unmerge,
 )
 from .layers import AdapterLayer, SavedModule
+from .methods.adalora import AdaLoraConfig, apply_adalora, rank_pattern
 from .methods.base import MergeReport, Method, SwapMethod
 from .methods.lora import LoraConfig, apply_lora
 from .registry import methods, register_method
@@ -36,6 +37,7 @@ from .targeting import TargetError
 
 __all__ = [
     "ALL_LINEAR",
+    "AdaLoraConfig",
     "AdapterLayer",
     "CheckpointError",
     "LoraConfig",
@@ -52,6 +54,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "apply",
+    "apply_adalora",
     "apply_lora",
     "delete_adapter",
     "disable_adapters",
@@ -60,6 +63,7 @@ __all__ = [
     "merge",
     "merge_and_unload",
     "methods",
+    "rank_pattern",
     "register_method",
     "regularizer",
     "save_adapter",

@@ -1,6 +1,6 @@
 """Built-in methods. Importing this package registers them; one method, one file."""
 
-from . import lora
+from . import adalora, lora
 from .base import MergeReport, Method, SwapMethod
 
-__all__ = ["MergeReport", "Method", "SwapMethod", "lora"]
+__all__ = ["MergeReport", "Method", "SwapMethod", "adalora", "lora"]
