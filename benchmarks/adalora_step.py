@@ -17,6 +17,8 @@ with ``--threads 1`` it ignores the time the process waits for a core.
            the rank allocator in step_hooks. The schedule starts pruning with the first measured
            step and ends after the last one (t_final = 0), so every measured step updates importance
            and every delta_t-th one masks.
+- adalora-final: AdaLoRA after its final mask (the t_final phase): live triplets at the target
+           budget (allocated beforehand from random gradients), hooks with nothing left to do.
 """
 
 from __future__ import annotations
@@ -100,6 +102,21 @@ def with_adapter(name: str, base: nn.Module, apply: Callable[[nn.Module], object
     return Variant(name, model, opt)
 
 
+def pruned(base: nn.Module, args: argparse.Namespace) -> Variant:
+    """AdaLoRA whose final mask is already applied (ranks at the target budget on average)."""
+    config = peftkit.AdaLoraConfig(
+        init_r=args.init_r, target_r=args.target_r, total_steps=2, t_init=0, delta_t=1
+    )
+    variant = with_adapter("adalora-final", base, lambda m: peftkit.apply_adalora(m, config))
+    gen = torch.Generator().manual_seed(1)
+    for step in range(2):
+        for p in peftkit.trainable_parameters(variant.model):
+            p.grad = torch.randn(p.shape, generator=gen).to(p.dtype)
+        peftkit.step_hooks(variant.model, step)
+    variant.opt.zero_grad(set_to_none=True)  # type: ignore[union-attr]
+    return variant
+
+
 def run(args: argparse.Namespace) -> dict[str, object]:
     torch.set_num_threads(args.threads)
     base = build_model(args.layers, args.hidden, args.vocab, args.seq)
@@ -116,13 +133,15 @@ def run(args: argparse.Namespace) -> dict[str, object]:
         floor(base),
         with_adapter("lora", base, lambda m: peftkit.apply_lora(m, r=args.init_r, alpha=16)),
         with_adapter("adalora", base, lambda m: peftkit.apply_adalora(m, adalora)),
+        pruned(base, args),
     ]
     for variant in variants:
         variant.clock = time.process_time if args.clock == "cpu" else time.perf_counter
     gen = torch.Generator().manual_seed(0)
     for index in range(steps):
         ids = torch.randint(args.vocab, (args.batch, args.seq), generator=gen)
-        order = variants[index % 3 :] + variants[: index % 3]
+        turn = index % len(variants)
+        order = variants[turn:] + variants[:turn]
         for variant in order:
             variant.step(ids, index)
     return summarise(variants, args.warmup, peftkit.rank_pattern(variants[2].model))
@@ -145,6 +164,8 @@ def summarise(variants: list[Variant], warmup: int, ranks: dict[str, int]) -> di
             "adalora / floor": ratio("adalora", "floor"),
             "lora / floor": ratio("lora", "floor"),
             "adalora / lora": ratio("adalora", "lora"),
+            "adalora-final / floor": ratio("adalora-final", "floor"),
+            "adalora-final / lora": ratio("adalora-final", "lora"),
         },
         "live_ranks": sum(ranks.values()),
     }
@@ -160,10 +181,10 @@ def report(result: dict[str, object], args: argparse.Namespace) -> None:
     medians: dict[str, dict[str, float]] = result["median_ms"]  # type: ignore[assignment]
     means: dict[str, float] = result["mean_step_ms"]  # type: ignore[assignment]
     cols = ("forward", "backward", "optimizer", "hooks", "step")
-    print(f"{'median ms':<10}" + "".join(f"{c:>11}" for c in cols) + f"{'mean step':>11}")
+    print(f"{'median ms':<14}" + "".join(f"{c:>11}" for c in cols) + f"{'mean step':>11}")
     for name, phases in medians.items():
         cells = "".join(f"{phases[c]:>11.1f}" for c in cols)
-        print(f"{name:<10}{cells}{means[name]:>11.1f}")
+        print(f"{name:<14}{cells}{means[name]:>11.1f}")
     for name, value in result["ratios"].items():  # type: ignore[attr-defined]
         print(f"{name}: {value:.3f}")
     print(f"adalora live triplets at the end: {result['live_ranks']}")

@@ -1,15 +1,9 @@
 """AdaLoRA: adaptive budget allocation for low-rank adaptation (Zhang et al., ICLR 2023).
 
-Each wrapped weight W (out × in) learns an update in SVD form
-
-    W' = W + s · P diag(λ ⊙ m) Q,   P: out × r,  λ, m: r,  Q: r × in,  s = alpha / init_r
-
-λ starts at zero (the model is unchanged at injection); P and Q are Gaussian with unit expected
-column / row norms. m is a 0/1 mask of live triplets (Pᵢ, λᵢ, Qᵢ) written by the rank allocator, which
-runs in ``on_step_end``: it keeps smoothed importance scores for every entry and, every ``delta_t``
-steps, keeps the ``b(t)`` best triplets over all layers, with b(t) shrinking on a cubic schedule from
-``init_r`` to ``target_r`` per layer on average. The orthogonality penalty on P and Q is the method's
-``regularizer``. Saving drops pruned triplets, so a checkpoint holds only live ranks.
+Each wrapped weight W (out × in) learns W' = W + s · P diag(λ ⊙ m) Q (P: out × r, λ, m: r, Q: r × in,
+s = alpha / init_r). The rank allocator (``on_step_end``) scores every triplet (Pᵢ, λᵢ, Qᵢ) and keeps
+the best b(t) over all layers in the mask m, b(t) shrinking on a cubic schedule; ``regularizer``
+is the orthogonality penalty on P and Q. See docs/methods/adalora.md.
 """
 
 from __future__ import annotations
@@ -19,7 +13,7 @@ import warnings
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +26,11 @@ from ..targeting import is_conv1d
 from .base import MergeReport, SwapMethod, apply_with
 
 _FACTORS = ("P", "lam", "Q")
+# torch's process-wide module hooks (nn.modules.module.register_module_forward_hook & co.).
+_GLOBAL_MODULE_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, {})
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -108,7 +107,8 @@ class AdaLoraConfig(TargetedConfig):
 class AdaLoraLayer(AdapterLayer):
     """y = base(x) + s · ((dropout(x) Qᵀ) diag(λ ⊙ m)) Pᵀ;  x: (..., in), y: (..., out).
 
-    P: (out, r), λ: (r,), Q: (r, in), m: (r,) mask buffer. Also wraps transformers' Conv1D, whose
+    P: (out, r), λ: (r,), Q: (r, in), m: (r,) mask buffer. Forward uses only the live triplets
+    (gathered when some are pruned), so its cost follows the live rank. Also wraps transformers' Conv1D, whose
     weight is stored (in, out): ``delta_weight`` returns the update in the base weight's own layout.
     ``backward_passes`` counts backward passes that reached λ (to catch a forgotten allocator).
     """
@@ -138,6 +138,9 @@ class AdaLoraLayer(AdapterLayer):
         self.lam = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
         self.Q = nn.Parameter(torch.randn(r, in_f, device=device, dtype=dtype) / math.sqrt(in_f))
         self.register_buffer("mask", torch.ones(r, device=device, dtype=dtype))
+        # Indices of the live triplets (derived from mask): forward computes with these only.
+        self.register_buffer("live", torch.arange(r, device=device), persistent=False)
+        self.plain_linear = type(base) is nn.Linear  # exactly: not a subclass, not another wrapper
         self.backward_passes = 0
         self._watch_backward()
 
@@ -153,16 +156,40 @@ class AdaLoraLayer(AdapterLayer):
         super().__setstate__(state)
         self._watch_backward()
 
+    def _load_from_state_dict(self, state_dict: Any, prefix: str, *args: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args)
+        self.live = self.mask.nonzero().squeeze(1)  # a loaded mask brings its live set
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.base(x)
-        if not self.enabled or self.r == 0:
-            return y
-        h = F.linear(self.dropout(x), self.Q)  # (..., r): the only activation the adapter adds
-        scaled_p = self.P * (self.lam * self.mask)  # (out, r) = P diag(λ ⊙ m); never P Λ Q
+        rank = self.live.numel()
+        if not self.enabled or rank == 0:
+            return self.base(x)  # type: ignore[no-any-return]
+        q: torch.Tensor = self.Q
+        scaled_p = self.P * self.lam  # (out, r) = P diag(λ); P Λ Q is never formed
+        if rank < self.r:  # pruned: gather the live triplets, so compute shrinks with the rank
+            q, scaled_p = q.index_select(0, self.live), scaled_p.index_select(1, self.live)
+        if self._writes_into_base_output():
+            # nn.Linear's own computation on 2-D views; the update is added into its fresh output
+            # in place: one GEMM with beta=1 and no second (tokens × out) tensor.
+            flat, linear = x.reshape(-1, x.shape[-1]), cast(nn.Linear, self.base)
+            y = F.linear(flat, linear.weight, linear.bias)
+            h = F.linear(self.dropout(flat), q).to(y.dtype)  # (tokens, rank)
+            y.addmm_(h, scaled_p.t().to(y.dtype), alpha=self.scaling)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        y = self.base(x)
+        h = F.linear(self.dropout(x), q)  # (..., rank): the only activation the adapter adds
         out = torch.addmm(
-            y.reshape(-1, y.shape[-1]), h.reshape(-1, self.r), scaled_p.t(), alpha=self.scaling
+            y.reshape(-1, y.shape[-1]), h.reshape(-1, rank), scaled_p.t(), alpha=self.scaling
         )
         return out.view(y.shape)
+
+    def _writes_into_base_output(self) -> bool:
+        """Whether forward may compute the base itself and add in place: the base is a plain
+        nn.Linear and no forward hook (which could keep or change its output) is registered."""
+        base = self.base
+        return self.plain_linear and not (
+            base._forward_hooks or base._forward_pre_hooks or any(_GLOBAL_MODULE_HOOKS)
+        )
 
     def delta_weight(self) -> torch.Tensor:
         live = (self.lam * self.mask).float()
@@ -171,24 +198,25 @@ class AdaLoraLayer(AdapterLayer):
 
     # -- live triplets -----------------------------------------------------------------------
     def live_rank(self) -> int:
-        return int(torch.count_nonzero(self.mask))
+        return int(self.live.numel())
 
     def set_mask(self, mask: torch.Tensor) -> None:
         """Keep the triplets where ``mask`` is 1; pruned λ are zeroed (the paper's truncation)."""
         with torch.no_grad():
             self.mask.copy_(mask)
             self.lam.mul_(self.mask)
+            self.live = self.mask.nonzero().squeeze(1)
 
     def live_tensors(self) -> dict[str, torch.Tensor]:
         """P, λ, Q restricted to live triplets (the live tensors themselves when none is pruned)."""
         if self.live_rank() == self.r:
             return {"P": self.P, "lam": self.lam, "Q": self.Q}
-        keep = self.mask.nonzero().squeeze(1)
+        keep = self.live
         return {"P": self.P[:, keep], "lam": self.lam[keep], "Q": self.Q[keep]}
 
     def load_live(self, tensors: dict[str, torch.Tensor]) -> None:
         """Write tensors shaped like ``live_tensors()`` into the live triplets."""
-        keep = self.mask.nonzero().squeeze(1)
+        keep = self.live
         with torch.no_grad():
             self.P.index_copy_(1, keep, tensors["P"].to(self.P))
             self.lam.index_copy_(0, keep, tensors["lam"].to(self.lam))
@@ -201,19 +229,16 @@ class AdaLoraLayer(AdapterLayer):
 def orthogonality_penalty(ps: Sequence[torch.Tensor], qs: Sequence[torch.Tensor]) -> torch.Tensor:
     """Σ over layers of ‖PᵀP − I‖²_F + ‖QQᵀ − I‖²_F;  P: (out, r), Q: (r, in).
 
-    Same-shaped factors are stacked and handled by one batched product: a few kernels per distinct
-    shape instead of nine per layer.
+    Same-shaped factors are stacked into one batched product: a few kernels per distinct shape
+    instead of nine per layer.
     """
-    terms = [_gram_penalty(group, rows=False) for group in _by_shape(ps)]
-    terms += [_gram_penalty(group, rows=True) for group in _by_shape(qs)]
+    terms = []
+    for factors, rows in ((ps, False), (qs, True)):
+        groups: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
+        for factor in factors:
+            groups[tuple(factor.shape)].append(factor)
+        terms += [_gram_penalty(group, rows=rows) for group in groups.values()]
     return torch.stack(terms).sum()
-
-
-def _by_shape(tensors: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
-    groups: dict[tuple[int, ...], list[torch.Tensor]] = defaultdict(list)
-    for tensor in tensors:
-        groups[tuple(tensor.shape)].append(tensor)
-    return list(groups.values())
 
 
 def _gram_penalty(same: list[torch.Tensor], *, rows: bool) -> torch.Tensor:
@@ -423,17 +448,12 @@ class AdaLora(SwapMethod):
         return out
 
     def load_state_dict(self, model: nn.Module, tensors: dict[str, torch.Tensor]) -> None:
-        by_path = {layer.path: layer for layer in self.svd_layers()}
-        triplets: dict[str, dict[str, torch.Tensor]] = defaultdict(dict)
-        rest = {}
-        for key, value in tensors.items():
-            path, _, leaf = key.rpartition(".")
-            if path in by_path and leaf in _FACTORS:
-                triplets[path][leaf] = value
-            else:
-                rest[key] = value
-        for path, parts in triplets.items():
-            by_path[path].load_live(parts)
+        """Write live triplets into the layers (built at the saved ranks); the rest as usual."""
+        rest = dict(tensors)
+        for layer in self.svd_layers():
+            keys = {leaf: f"{layer.path}.{leaf}" for leaf in _FACTORS}
+            if all(key in rest for key in keys.values()):
+                layer.load_live({leaf: rest.pop(key) for leaf, key in keys.items()})
         super().load_state_dict(model, rest)
 
     def extra_state(self) -> dict[str, Any]:
