@@ -117,6 +117,7 @@ def test_masks_follow_the_schedule_and_freeze_at_the_end() -> None:
         if t >= 10:
             live = bt
         expected.append(live)
+    assert expected == [48, 48, 48, 34, 34, 27, 27, 24, 24, 24, 24, 24]
     assert seen == expected
     assert method.frozen and method._importance is None  # final phase: no per-step work left
 
