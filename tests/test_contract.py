@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import peftkit
-from peftkit import AdapterConfig, FullConfig, LoraConfig, MethodConfig, PrefixConfig
+from peftkit import AdaLoraConfig, AdapterConfig, FullConfig, LoraConfig, MethodConfig, PrefixConfig
 from peftkit.registry import spec
 
 from helpers import perturb, snapshot
@@ -36,6 +36,9 @@ FULL_CONFIGS: dict[str, Callable[[Case], FullConfig]] = {
 
 CONTRACT_CONFIGS: dict[str, Callable[[Case], MethodConfig]] = {
     "lora": lambda case: LoraConfig(r=4, alpha=8, modules_to_save=case.head),
+    "adalora": lambda case: AdaLoraConfig(
+        init_r=4, target_r=2, total_steps=10, t_init=2, t_final=2, modules_to_save=case.head
+    ),
     "adapter": lambda case: AdapterConfig(
         form="houlsby",
         bottleneck=4,

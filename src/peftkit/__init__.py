@@ -30,6 +30,7 @@ from .core import (
     unmerge,
 )
 from .layers import AdapterLayer, AdapterModule, SavedModule
+from .methods.adalora import AdaLoraConfig, apply_adalora, rank_pattern
 from .methods.adapter import AdapterConfig, apply_adapter
 from .methods.base import MergeReport, Method, SwapMethod
 from .methods.full import FullConfig, apply_full
@@ -44,6 +45,7 @@ from .training.progress import NonFiniteLossError, TrainResult
 
 __all__ = [
     "ALL_LINEAR",
+    "AdaLoraConfig",
     "AdapterConfig",
     "AdapterLayer",
     "AdapterModule",
@@ -68,6 +70,7 @@ __all__ = [
     "adapter_state_dict",
     "adapters",
     "apply",
+    "apply_adalora",
     "apply_adapter",
     "apply_full",
     "apply_lora",
@@ -85,6 +88,7 @@ __all__ = [
     "merge_and_unload",
     "methods",
     "metrics",
+    "rank_pattern",
     "register_method",
     "regularizer",
     "save_adapter",

@@ -335,7 +335,11 @@ def regularizer(model: nn.Module) -> torch.Tensor | None:
 
 
 def step_hooks(model: nn.Module, step: int) -> None:
-    """Call after each optimiser step (before zero_grad) in a hand-written loop; the Trainer does."""
+    """Call after each optimiser step (before zero_grad) in a hand-written loop; the Trainer does.
+
+    ``step`` is the index of the optimiser step just taken, 0 for the first (as in
+    ``for step, batch in enumerate(loader)``); methods with a schedule (AdaLoRA) count from it.
+    """
     for method in adapters(model).values():
         if method.active:
             method.on_step_end(unwrap_model(model), step)
