@@ -55,7 +55,9 @@ class AdapterLayer(nn.Module):
         """The original module's ``weight``."""
         weight = getattr(self.base_layer(), "weight", None)
         if not isinstance(weight, torch.Tensor):
-            raise TypeError(f"{type(self.base_layer()).__name__} at {self.path!r} has no weight tensor")
+            raise TypeError(
+                f"{type(self.base_layer()).__name__} at {self.path!r} has no weight tensor"
+            )
         return weight
 
     def named_adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
