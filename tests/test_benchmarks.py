@@ -1,0 +1,163 @@
+"""Each benchmark script runs once in its smoke mode (seconds), so none can rot.
+
+The scripts run as subprocesses, the way users run them; tests check what they report, never how
+fast anything is (speed goals live in the benchmarks themselves). Paths that need optional packages
+(peft, matplotlib) are exercised when those are installed.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from importlib.util import find_spec
+from pathlib import Path
+from typing import Any
+
+import peftkit
+from peftkit.registry import spec
+
+ROOT = Path(__file__).resolve().parents[1]
+HAS_PEFT = find_spec("peft") is not None
+HAS_MATPLOTLIB = find_spec("matplotlib") is not None
+VS_PEFT = ["--vs-peft"] if HAS_PEFT else []
+# What a fresh interpreter registers (other tests register methods of their own in this process).
+BUILTIN = [m for m in peftkit.methods() if spec(m).method_cls.__module__.startswith("peftkit.")]
+
+
+def run(script: str, *args: str, timeout: float = 240) -> str:
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+    )
+    assert done.returncode == 0, f"{script} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    return done.stdout
+
+
+def read(path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads(path.read_text())
+    return data
+
+
+def test_compare_smoke_reports_every_method_against_the_floor(tmp_path: Path) -> None:
+    out = run("compare.py", "--smoke", "--device", "cpu", "--out", str(tmp_path), *VS_PEFT)
+    report = read(tmp_path / "compare-cpu-smoke.json")
+    rows = {r["key"]: r for r in report["rows"]}
+    assert next(iter(rows)) == "floor"
+    assert {f"peftkit:{m}" for m in BUILTIN} <= rows.keys()
+    assert ("torch:full" in rows) == ("full" not in BUILTIN)
+    floor = rows["floor"]
+    assert (
+        floor["trainable"] == 0 and floor["step_vs_floor"] == 1.0 and floor["mem_vs_floor"] == 1.0
+    )
+    for row in rows.values():
+        assert row["step_s"] > 0 and row["train_mem_bytes"] > 0, row["key"]
+        assert len(row["raw_step_s"]["wall"]) == len(row["raw_step_s"]["cpu"]) == report["rounds"]
+    # The smoke model: 2 layers, hidden 64, MLP 128, k/v 32 wide. LoRA r=8 on every linear layer
+    # but the head: r·(in+out) per layer = 8·(128 + 96 + 96 + 128 + 192 + 192 + 192) per block.
+    lora = rows["peftkit:lora"]
+    assert lora["trainable"] == 2 * 8 * (128 + 96 + 96 + 128 + 192 + 192 + 192)
+    assert lora["merge"] == "fully merged" and lora["infer_merged_vs_base"] > 0
+    assert "| lora " in out and "step × floor" in out
+    if HAS_MATPLOTLIB:
+        assert (tmp_path / "compare-cpu-smoke.png").read_bytes()[:4] == b"\x89PNG"
+    if HAS_PEFT:
+        pair = next(p for p in report["vs_peft"] if p["method"] == "lora")
+        assert pair["trainable"] == 1.0 and pair["step"] > 0
+        assert rows["peft:lora"]["trainable"] == lora["trainable"]
+
+
+def test_params_counts_match_the_lora_paper_and_closed_forms(tmp_path: Path) -> None:
+    out = run("params.py", "--smoke", "--out", str(tmp_path), *VS_PEFT)
+    setups = {s["setup"]: s for s in read(tmp_path / "params.json")["setups"]}
+    base = setups["LoRA r=8 on W_q, W_v — RoBERTa-base"]
+    large = setups["LoRA r=8 on W_q, W_v — RoBERTa-large"]
+    assert base["trainable"] == base["closed_form"] == 294_912  # the paper's 0.3M
+    assert large["trainable"] == large["closed_form"] == 786_432  # the paper's 0.8M
+    assert base["total"] > 120e6 and large["total"] > 350e6
+    for setup in setups.values():
+        if setup["method"] not in BUILTIN:
+            assert setup["trainable"] is None and "closed form only" in setup["note"]
+    if HAS_PEFT:
+        assert base["peft"] == 294_912
+    assert "RoBERTa-large" in out
+
+
+def test_inject_smoke_times_every_method(tmp_path: Path) -> None:
+    run("inject.py", "--smoke", "--out", str(tmp_path), *VS_PEFT)
+    report = read(tmp_path / "inject-smoke.json")
+    assert {f"peftkit {m}" for m in BUILTIN} <= report["times_s"].keys() | report["failed"].keys()
+    assert "peftkit lora" in report["times_s"]
+    if HAS_PEFT:
+        assert any(r["peftkit"] == "lora" for r in report["ratios"])
+
+
+SENTENCES = [
+    ("a warm and funny film", 1),
+    ("a lovely , moving story", 1),
+    ("the best film of the year", 1),
+    ("a dull and tedious mess", 0),
+    ("the worst film of the year", 0),
+    ("boring , flat and far too long", 0),
+]
+
+
+def tiny_bert_dir(path: Path) -> Path:
+    """A two-layer random BERT with a word vocabulary of SENTENCES, saved like a hub model."""
+    from transformers import BertConfig, BertForSequenceClassification, BertTokenizerFast
+
+    words = sorted({w for s, _ in SENTENCES for w in s.split()})
+    path.mkdir()
+    (path / "vocab.txt").write_text(
+        "\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *words])
+    )
+    tokenizer = BertTokenizerFast(vocab_file=str(path / "vocab.txt"))
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        max_position_embeddings=64,
+    )
+    BertForSequenceClassification(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_quality_smoke_trains_and_scores_every_method(tmp_path: Path) -> None:
+    data = tmp_path / "sst2"
+    data.mkdir()
+    rows = "".join(f"{s}\t{y}\n" for s, y in SENTENCES)
+    (data / "train.tsv").write_text("sentence\tlabel\n" + rows * 4)
+    (data / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+    model = tiny_bert_dir(tmp_path / "bert")
+    args = ["--smoke", "--data", str(data), "--model", str(model), "--out", str(tmp_path)]
+    run("quality.py", *args, *VS_PEFT)
+    results = read(tmp_path / "quality-smoke.json")["results"]
+    assert set(BUILTIN) <= results.keys()
+    for result in results.values():
+        assert 0.0 <= result["dev_accuracy"] <= 1.0 and result["trainable"] > 0
+    if HAS_PEFT:
+        assert results["peft lora"]["trainable"] == results["lora"]["trainable"]
+
+
+def test_quality_names_missing_data_files(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "benchmarks" / "quality.py"),
+            "--smoke",
+            "--data",
+            str(tmp_path),
+            "--model",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "train.tsv" in done.stderr
