@@ -101,13 +101,17 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def is_conv1d(module: nn.Module) -> bool:
+    return is_conv1d_class(type(module))
+
+
+def is_conv1d_class(cls: type) -> bool:
     # Detected from the type, imported only when transformers is already loaded: a model cannot hold
     # a transformers Conv1D otherwise, and `import peftkit` stays free of transformers.
     if "transformers" not in sys.modules:
         return False
     from transformers.pytorch_utils import Conv1D
 
-    return isinstance(module, Conv1D)
+    return issubclass(cls, Conv1D)
 
 
 def output_head(model: nn.Module) -> nn.Module | None:

@@ -248,3 +248,29 @@ def test_config_from_newer_version_warns_and_loads() -> None:
     with pytest.warns(UserWarning, match="future_knob"):
         config = LoraConfig.from_dict(data)
     assert config.r == 4
+
+
+class ScaledEmbedding(nn.Embedding):
+    """An embedding that multiplies its output (as Gemma's and BART's scaled embeddings do)."""
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        return super().forward(input) * 4.0
+
+
+class PlainLinearSubclass(nn.Linear):
+    """A subclass that keeps nn.Linear's forward: merging into it is exact."""
+
+
+def test_lora_on_a_layer_with_its_own_forward_is_not_merged_and_says_why() -> None:
+    model = nn.Sequential(ScaledEmbedding(10, 8), PlainLinearSubclass(8, 8))
+    apply_lora(model, r=2, targets=["0", "1"])
+    perturb(model)
+    ids = torch.arange(10).unsqueeze(0)
+    with torch.no_grad():
+        expected = model(ids)
+        report = peftkit.merge_and_unload(model)
+        torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-6)
+    assert report.merged == ["default:1"]
+    assert "ScaledEmbedding" in report.kept["default:0"]
+    assert "forward()" in report.kept["default:0"]
+    assert isinstance(model[1], PlainLinearSubclass)

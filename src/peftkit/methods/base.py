@@ -16,7 +16,7 @@ from torch import nn
 
 from ..config import MethodConfig, TargetedConfig
 from ..layers import AdapterLayer, SavedModule
-from ..targeting import remove_wrapper, select, select_named, set_module
+from ..targeting import is_conv1d_class, remove_wrapper, select, select_named, set_module
 
 
 @dataclass
@@ -236,7 +236,23 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
     weight = getattr(inner, "weight", None)
     if weight is not None and id(weight) in tied:
         return "its base weight is tied to another module (e.g. input and output embeddings)"
+    owner = _forward_owner(inner)
+    if owner is not None:
+        return (
+            f"its base {type(inner).__name__} computes its own forward() ({owner}, e.g. a scaled "
+            "embedding), so the update folded into the weight would not give the same outputs"
+        )
     return None
+
+
+def _forward_owner(module: nn.Module) -> str | None:
+    """The class that replaces a torch layer's forward, or None when the forward is torch's own (or
+    transformers' Conv1D). A merge assumes the output is the layer's standard function of its weight;
+    a subclass such as an embedding that multiplies its output by a constant breaks that."""
+    owner = next((c for c in type(module).__mro__ if "forward" in vars(c)), None)
+    if owner is None or owner.__module__.startswith("torch.nn.") or is_conv1d_class(owner):
+        return None
+    return owner.__qualname__
 
 
 def _tied_parameter_ids(model: nn.Module) -> set[int]:
