@@ -54,8 +54,12 @@ def test_compare_smoke_reports_every_method_against_the_floor(tmp_path: Path) ->
         floor["trainable"] == 0 and floor["step_vs_floor"] == 1.0 and floor["mem_vs_floor"] == 1.0
     )
     for row in rows.values():
-        assert row["step_s"] > 0 and row["train_mem_bytes"] > 0, row["key"]
+        # Peak RSS above the built model: at smoke size a method's extra can fit in pages the
+        # process already holds (0 bytes), so only the floor and full fine-tuning must show some.
+        assert row["step_s"] > 0 and row["train_mem_bytes"] >= 0, row["key"]
         assert len(row["raw_step_s"]["wall"]) == len(row["raw_step_s"]["cpu"]) == report["rounds"]
+    full = rows.get("peftkit:full", rows.get("torch:full"))
+    assert floor["train_mem_bytes"] > 0 and full is not None and full["train_mem_bytes"] > 0
     # The smoke model: 2 layers, hidden 64, MLP 128, k/v 32 wide. LoRA r=8 on every linear layer
     # but the head: r·(in+out) per layer = 8·(128 + 96 + 96 + 128 + 192 + 192 + 192) per block.
     lora = rows["peftkit:lora"]
