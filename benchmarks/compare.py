@@ -144,8 +144,8 @@ def child_memory(args: argparse.Namespace) -> None:
         model = common.build_model(spec, device, dtype)
         batch = common.make_batch(common.vocab_size(model), batch_size, seq, device)
         gc.collect()
+        reset = common.reset_peak_rss()  # first: the peak is then never below the RSS read next
         model_rss = common.proc_status_bytes("VmRSS")
-        reset = common.reset_peak_rss()
         step = step_fn(by_key(key).prepare(model, total_steps(args)), batch)
         for _ in range(args.mem_steps):
             step()
