@@ -110,7 +110,7 @@ def converters() -> dict[str, str]:
 
 def _load_builtin_converters() -> None:
     # The built-in converters register themselves on import (as methods do in the registry).
-    from . import peft_lora  # noqa: F401
+    from . import peft_adalora, peft_lora  # noqa: F401
 
 
 # -- export ------------------------------------------------------------------------------------
