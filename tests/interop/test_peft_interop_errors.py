@@ -97,8 +97,11 @@ def test_other_peft_types_are_refused_with_the_supported_list(tmp_path: Path) ->
         IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
     )
     model.save_pretrained(tmp_path)
-    _refused(tmp_path, r"peft_type 'IA3' is not supported; peftkit imports \['LORA'\]")
-    assert converters() == {"lora": "LORA"}
+    _refused(
+        tmp_path,
+        r"peft_type 'IA3' is not supported; peftkit imports \['ADALORA', 'LORA', 'PREFIX_TUNING'\]",
+    )
+    assert converters() == {"lora": "LORA", "adalora": "ADALORA", "prefix": "PREFIX_TUNING"}
 
 
 def test_pickle_adapter_is_refused(tmp_path: Path) -> None:
@@ -203,7 +206,8 @@ def test_a_method_without_a_converter_is_refused(tmp_path: Path) -> None:
     with temporarily_registered("interop-test-scale", ScaleConfig, Scale):
         peftkit.apply(model, ScaleConfig(targets=["q_proj"]))
         with pytest.raises(
-            InteropError, match=r"supports methods \['lora'\].*'interop-test-scale'"
+            InteropError,
+            match=r"supports methods \['adalora', 'lora', 'prefix'\].*'interop-test-scale'",
         ):
             export_peft(model, tmp_path)
     assert not any(tmp_path.iterdir())

@@ -170,6 +170,33 @@ def test_two_active_prefixes_are_concatenated_in_application_order() -> None:
     torch.testing.assert_close(_logits(model, input_ids=ids, attention_mask=mask), only_b)
 
 
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_positions_after_prefix_shifts_every_position_by_the_prefix_length(kind: str) -> None:
+    """HF peft's convention: real tokens count the prefix, given or computed positions alike."""
+    after, plain = _prefixed(kind, positions_after_prefix=True), _prefixed(kind)
+    torch.testing.assert_close(_table(after), _table(plain), rtol=0, atol=0)
+    _, ids, mask = _padded(left=kind != "bert")
+    counted = _hand_positions(mask)
+    got = _logits(after, input_ids=ids, attention_mask=mask)
+    torch.testing.assert_close(
+        got, _logits(plain, input_ids=ids, attention_mask=mask, position_ids=counted + 3)
+    )
+    given = _logits(after, input_ids=ids, attention_mask=mask, position_ids=counted)
+    torch.testing.assert_close(given, got, rtol=0, atol=0)
+    assert (got - _logits(plain, input_ids=ids, attention_mask=mask)).abs().max() > 1e-4
+
+
+def test_active_prefixes_that_disagree_on_positions_are_refused() -> None:
+    model = _prefixed("llama")
+    apply_prefix(model, prefix_length=2, positions_after_prefix=True, adapter_name="b")
+    with pytest.raises(
+        ValueError, match=r"disagree on positions_after_prefix \(True for \['b'\]\)"
+    ):
+        _logits(model, input_ids=torch.tensor([[1, 2, 3]]))
+    peftkit.set_active(model, "b")
+    _logits(model, input_ids=torch.tensor([[1, 2, 3]]))  # one adapter alone is fine
+
+
 # -- padding -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("left", [True, False], ids=["left", "right"])
 @pytest.mark.parametrize("kind", DECODERS)
@@ -547,6 +574,7 @@ def test_merge_keeps_the_prefix_and_says_why() -> None:
             {"prefix_length": 1, "init_token_ids": [1], "mlp_hidden": 8},
             "use mlp_hidden=None with init_token_ids",
         ),
+        ({"positions_after_prefix": "yes"}, "positions_after_prefix must be True or False"),
     ],
 )
 def test_bad_config_values_raise_errors_that_name_the_fix(

@@ -197,6 +197,19 @@ def test_model_operations_without_adapters_say_how_to_start(operation: Any) -> N
         operation(_tiny())
 
 
+def test_adalora_target_r_above_init_r_names_the_fix() -> None:
+    model = _tiny()
+    before = snapshot(model)
+    with pytest.raises(
+        ValueError,
+        match=r"target_r=12 exceeds init_r=8: AdaLoRA only prunes; raise init_r or lower",
+    ):
+        peftkit.apply_adalora(model, total_steps=100, init_r=8, target_r=12, targets=["q_proj"])
+    assert not peftkit.adapters(model)
+    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
+    assert isinstance(model.layers[0].q_proj, nn.Linear)
+
+
 def test_dropout_on_a_model_in_eval_mode_stays_off() -> None:
     """Regression: new adapter modules used to start in training mode, so LoRA dropout ran at
     inference on a model in eval mode (outputs changed from call to call)."""

@@ -7,7 +7,7 @@ and the config come from one and the same save, and versions never go backwards.
 mid-write are counted by the temporary files they leave (which loading ignores), so the test shows
 it exercised the interesting moments. The default run kills 25 times; ``nox -s slow`` 300 times.
 
-(A training run killed and resumed needs the Trainer; that case comes with it.)
+(A training run killed and resumed: test_kill_while_training.py.)
 """
 
 from __future__ import annotations

@@ -77,6 +77,8 @@ class PeftConverter:
 
     method: ClassVar[str] = ""
     peft_type: ClassVar[str] = ""
+    # True where peft only applies the adapter through a task-specific PeftModel (prompt methods).
+    needs_task_type: ClassVar[bool] = False
 
     def to_peft(self, model: nn.Module, method: Method) -> PeftAdapter:
         """peft's config fields (without ``peft_type``/``task_type``) and tensors for ``method``."""
@@ -110,7 +112,7 @@ def converters() -> dict[str, str]:
 
 def _load_builtin_converters() -> None:
     # The built-in converters register themselves on import (as methods do in the registry).
-    from . import peft_lora  # noqa: F401
+    from . import peft_adalora, peft_lora, peft_prefix  # noqa: F401
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -136,6 +138,11 @@ def export_peft(
         raise KeyError(f"no adapter named {adapter_name!r}; the model has {list(methods)}")
     method = methods[adapter_name]
     converter = _converter_for_method(method.name)
+    if converter.needs_task_type and task_type is None:
+        raise InteropError(
+            f"peft applies a {converter.peft_type} adapter only through a task-specific model; "
+            'pass task_type (e.g. "CAUSAL_LM" for GPT-2 / Llama, "SEQ_CLS" for classification)'
+        )
     inner = unwrap_model(model)
     method.before_save(inner)
     adapter = converter.to_peft(inner, method)

@@ -56,13 +56,13 @@ REFUSED = {
 }
 # peft options that do not change what a loaded adapter computes (bookkeeping, targeting rules that
 # the tensors already settle, or settings only used when peft initialises a new adapter).
-NEUTRAL = {
+NEUTRAL = frozenset({
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
     "auto_mapping", "peft_version", "r", "lora_alpha", "lora_dropout", "use_rslora", "bias",
     "target_modules", "exclude_modules", "layers_to_transform", "layers_pattern", "rank_pattern",
     "alpha_pattern", "modules_to_save", "fan_in_fan_out", "init_lora_weights", "megatron_core",
     "qalora_group_size", "loftq_config", "eva_config", "corda_config",
-}  # fmt: skip
+})  # fmt: skip
 # Initialisations that leave the base weights alone (the others rewrite them in peft).
 PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
 
@@ -79,7 +79,7 @@ class LoraConverter(PeftConverter):
         saved = [layer for layer in method.layers if isinstance(layer, SavedModule)]
         for layer in lora:
             _check_exportable(layer, config)
-        universe = _peft_module_names(model)
+        universe = peft_module_names(model)
         aliases = [x.path for x in [*lora, *saved] if x.path not in universe]
         if aliases:
             raise InteropError(
@@ -106,7 +106,7 @@ class LoraConverter(PeftConverter):
                     f"{path}: the tensors have rank {ranks[path]} but the config says {expected}"
                 )
             alphas[path] = peft_pattern_value(cfg.get("alpha_pattern") or {}, path, alpha)
-        saved = _saved_tensors(list(modules), cfg.get("modules_to_save") or [], rest)
+        saved = saved_tensors(list(modules), cfg.get("modules_to_save") or [], rest)
         universe = [n for n in modules if n]
         try:
             config = LoraConfig(
@@ -133,9 +133,9 @@ def _export_fields(
 ) -> dict[str, Any]:
     paths = [layer.path for layer in lora]
     to_save = exact_names(
-        universe, [layer.path for layer in saved], _peft_saved_match, "modules_to_save"
+        universe, [layer.path for layer in saved], peft_saved_match, "modules_to_save"
     )
-    _check_targets_not_excluded(paths, to_save)
+    check_targets_not_excluded(paths, to_save)
     alphas = {p: config.alpha_for(p) for p in paths}
     return {
         "r": config.r,
@@ -170,15 +170,21 @@ def _export_tensors(lora: list[LoraLayer], saved: list[SavedModule]) -> dict[str
     return tensors
 
 
-def check_supported(cfg: dict[str, Any]) -> None:
-    """Raise ``InteropError`` naming the first peft option peftkit cannot represent."""
+def check_supported(
+    cfg: dict[str, Any], neutral: frozenset[str] = NEUTRAL, method: str = "LoRA"
+) -> None:
+    """Raise ``InteropError`` naming the first peft option peftkit cannot represent.
+
+    ``neutral`` lists the options known not to change what a loaded adapter computes; ``method``
+    names the peftkit method in messages.
+    """
     for key, what in REFUSED.items():
         if cfg.get(key):
-            raise InteropError(f"{what} is not supported by peftkit's LoRA")
+            raise InteropError(f"{what} is not supported by peftkit's {method}")
     if cfg.get("bias", "none") != "none":
         raise InteropError(
             f"bias={cfg['bias']!r} (peft trained base biases) is not supported; "
-            "peftkit's LoRA keeps every base parameter frozen"
+            f"peftkit's {method} keeps every base parameter frozen"
         )
     init = cfg.get("init_lora_weights", True)
     if init not in PLAIN_INITS:
@@ -187,7 +193,7 @@ def check_supported(cfg: dict[str, Any]) -> None:
             "so the adapter only fits that modified base; save it from peft with "
             "path_initial_model_for_weight_conversion to get a plain LoRA, then import that"
         )
-    unknown = sorted(k for k, v in cfg.items() if k not in NEUTRAL and k not in REFUSED and v)
+    unknown = sorted(k for k, v in cfg.items() if k not in neutral and k not in REFUSED and v)
     if unknown:
         raise InteropError(
             f"peft options {unknown} are set; peftkit does not know what they change, so it will "
@@ -213,24 +219,24 @@ def _escaped(patterns: dict[str, Any]) -> dict[str, Any]:
     return {re.escape(k): v for k, v in patterns.items()}
 
 
-def _peft_saved_match(name: str, pattern: str) -> bool:
+def peft_saved_match(name: str, pattern: str) -> bool:
     # peft selects modules_to_save by a plain suffix test, without a dot boundary.
     return name.endswith(pattern)
 
 
-def _peft_module_names(model: nn.Module) -> list[str]:
+def peft_module_names(model: nn.Module) -> list[str]:
     """Module names as peft sees them: each module once, under its first name."""
     seen: set[int] = set()
     names = []
     for name, module in iter_modules(model):
-        inner = _unwrap(module)
+        inner = unwrap_layer(module)
         if name and id(inner) not in seen:
             names.append(name)
         seen.add(id(inner))
     return names
 
 
-def _check_targets_not_excluded(paths: list[str], to_save: list[str]) -> None:
+def check_targets_not_excluded(paths: list[str], to_save: list[str]) -> None:
     # peft never adapts a module whose name contains a modules_to_save entry as a component.
     for name in to_save:
         hit = [p for p in paths if re.match(rf"(^|.*\.){re.escape(name)}($|\..*)", p)]
@@ -306,7 +312,7 @@ def _check_importable(path: str, found: _Factors, modules: dict[str, nn.Module])
             f"the adapter has tensors for {path!r}, which this model lacks; "
             "import it into the model it was trained on"
         )
-    base = _unwrap(modules[path])
+    base = unwrap_layer(modules[path])
     linear_like = is_linear(base) or isinstance(base, nn.Conv2d)
     if not (isinstance(base, nn.Embedding) if found.embedding else linear_like):
         kind = "embedding factors" if found.embedding else "lora_A/lora_B weights"
@@ -317,16 +323,16 @@ def _check_importable(path: str, found: _Factors, modules: dict[str, nn.Module])
     _check_base(path, base)
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
+def unwrap_layer(module: nn.Module) -> nn.Module:
     return module.base_layer() if isinstance(module, AdapterLayer) else module
 
 
-def _saved_tensors(
+def saved_tensors(
     names: list[str], patterns: list[str], rest: dict[str, torch.Tensor]
 ) -> dict[str, dict[str, torch.Tensor]]:
     """The tensors of each modules_to_save copy, by module path (modules without tensors skipped)."""
     candidates = sorted(
-        (n for n in names if n and any(_peft_saved_match(n, p) for p in patterns)),
+        (n for n in names if n and any(peft_saved_match(n, p) for p in patterns)),
         key=len,
         reverse=True,  # the longest path first, so a key goes to its innermost saved module
     )

@@ -63,12 +63,17 @@ class PrefixConfig(MethodConfig):
         at the start) or of the MLP's input embedding (default 1.0, as ``nn.Embedding``).
     init_token_ids: initialise the prefix with the keys/values the model computes for these tokens
         (``prefix_length`` ids; Li & Liang's initialisation from real words). Needs ``mlp_hidden=None``.
+    positions_after_prefix: False (default): real tokens keep the base model's positions 0 … n−1.
+        True: they take P … P+n−1 as if the prefix were P real tokens before them (explicit
+        ``position_ids`` are shifted by P too), which is how HF peft counts them; adapters imported
+        from peft use it, and a GPT-2 or BERT prefix needs it to be exported to peft.
     """
 
     prefix_length: int = 16
     mlp_hidden: int | None = None
     init_std: float | None = None
     init_token_ids: Sequence[int] | None = None
+    positions_after_prefix: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -79,6 +84,10 @@ class PrefixConfig(MethodConfig):
             check_finite_number("init_std", self.init_std, positive=True)
         if self.init_token_ids is not None:
             self._check_init_tokens()
+        if not isinstance(self.positions_after_prefix, bool):
+            raise ValueError(
+                f"positions_after_prefix must be True or False, got {self.positions_after_prefix!r}"
+            )
 
     def std(self, mlp: bool) -> float:
         """The initial standard deviation for a plain prefix or (``mlp``) the MLP's embedding."""
@@ -134,6 +143,7 @@ class Prefix(Method):
             device=weight.device,
             dtype=weight.dtype,
         )
+        table.positions_after_prefix = self.config.positions_after_prefix
         if self.config.init_token_ids is not None and not self.start_folded:
             _init_from_tokens(body, table, self.config.init_token_ids)
         injector = PrefixInjector.install(body, encoder)

@@ -9,7 +9,8 @@ A forward pre-hook on the transformer body (``model.base_model``: ``GPT2Model``,
 2. extends the 2-D ``attention_mask`` with ones over the prefix;
 3. supplies ``position_ids`` counted *without* the prefix (from the mask when one is given, so left
    padding is right; otherwise ``past .. past + seq``), so real tokens keep the positions they have
-   in the base model.
+   in the base model; adapters with ``positions_after_prefix`` shift them (given or computed) by
+   the prefix length, as HF peft does.
 
 A cache that holds a prefix is marked; passed back (decoding steps), it is recognised and not filled
 again. Nothing here subclasses or patches a transformers class.
@@ -226,6 +227,9 @@ class PrefixInjector(AdapterModule):
         named["past_key_values"] = cache
         if named.get("position_ids") is None:
             named["position_ids"] = _positions(mask, past, seq, lead.device)
+        shift = _position_shift(active, prefix)
+        if shift:
+            named["position_ids"] = named["position_ids"] + shift
         named["attention_mask"] = self._mask(mask, batch, prefix, past + seq, lead.device)
         if named.get("cache_position") is not None:  # models of 4.57 / early 5.x still take it
             named["cache_position"] = named["cache_position"] + prefix  # index into the cache
@@ -310,6 +314,18 @@ class PrefixInjector(AdapterModule):
                 "cannot work with a prefix in the cache"
             )
         return torch.cat([mask.new_ones(mask.shape[0], prefix), mask], dim=-1)
+
+
+def _position_shift(active: list[PrefixTable], prefix: int) -> int:
+    """How far real tokens' positions move: the prefix length where the adapters count it."""
+    after = {t.positions_after_prefix for t in active}
+    if len(after) > 1:
+        names = [t.adapter_name for t in active if t.positions_after_prefix]
+        raise ValueError(
+            f"active prefix adapters disagree on positions_after_prefix (True for {names}); "
+            "activate only adapters that agree"
+        )
+    return prefix if after == {True} else 0
 
 
 def _positions(

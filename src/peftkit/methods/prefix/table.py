@@ -50,6 +50,7 @@ class PrefixTable(AdapterModule):
         self.shape = shape
         self.length = length
         self.active = True
+        self.positions_after_prefix = False  # real tokens' positions count the prefix (peft's way)
         self.embedding: nn.Parameter | None = None
         self.mlp: nn.Sequential | None = None
         self.key_values: nn.Parameter | None = None
@@ -116,7 +117,8 @@ class PrefixTable(AdapterModule):
     def extra_repr(self) -> str:
         s = self.shape
         how = "plain" if self.mlp is None else "through an MLP"
+        after = ", positions after the prefix" if self.positions_after_prefix else ""
         return (
             f"adapter={self.adapter_name!r}, length={self.length}, layers={s.layers}, "
-            f"heads={s.heads}, head_dim={s.head_dim}, {how}"
+            f"heads={s.heads}, head_dim={s.head_dim}, {how}{after}"
         )
