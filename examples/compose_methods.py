@@ -39,11 +39,14 @@ def fresh_model() -> nn.Module:
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=64,
+        initializer_range=0.2,  # weights as large as a trained model's, not transformers' 0.02
     )
     return LlamaForCausalLM(config)
 
 
-def batch_of_sequences(generator: torch.Generator, size: int = 16, length: int = 24) -> torch.Tensor:
+def batch_of_sequences(
+    generator: torch.Generator, size: int = 16, length: int = 24
+) -> torch.Tensor:
     """Rows that count upwards in steps of three from a random start: 5, 8, 11, ... (mod VOCAB)."""
     start = torch.randint(VOCAB, (size, 1), generator=generator)
     return (start + 3 * torch.arange(length)) % VOCAB

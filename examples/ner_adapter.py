@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--form", choices=["pfeiffer", "houlsby"], default="pfeiffer")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--smoke", action="store_true", help="a few steps, a few sentences, the tiny BERT")
+    p.add_argument(
+        "--smoke", action="store_true", help="a few steps, a few sentences, the tiny BERT"
+    )
     args = p.parse_args(argv)
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     hf_logging.disable_progress_bar()
@@ -230,7 +232,9 @@ def check_reload(
     size = sum(f.stat().st_size for f in out.iterdir())
     reloaded = peftkit.load_adapter(fresh_model(model_dir), out)
     torch.testing.assert_close(outputs(reloaded), outputs(model))
-    print(f"saved the adapter ({size / 1e3:.0f} kB) and reloaded it onto a fresh base: same outputs")
+    print(
+        f"saved the adapter ({size / 1e3:.0f} kB) and reloaded it onto a fresh base: same outputs"
+    )
 
 
 if __name__ == "__main__":

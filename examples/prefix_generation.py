@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import random
 import tempfile
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -30,8 +29,8 @@ from transformers.utils import logging as hf_logging
 import peftkit
 
 LINE = "prefixes steer a frozen model ."
-WORDS = "red blue green cat dog bird river and hill stone tree cloud rain sun moon star road".split()
-VOCAB = ["<pad>", "<eos>", "=>", *WORDS, *LINE.split()]
+WORDS = "red blue green cat dog bird river and hill stone tree cloud rain sun moon star road"
+VOCAB = ["<pad>", "<eos>", "=>", *WORDS.split(), *LINE.split()]
 PAD, EOS = 0, 1
 ID = {w: i for i, w in enumerate(VOCAB)}
 
@@ -46,7 +45,7 @@ def decode(ids: list[int]) -> str:
 
 def make_example(rng: random.Random) -> dict[str, list[int]]:
     """A random prompt ending in "=>", then the line; only the line's tokens are in the loss."""
-    prompt = encode(" ".join(rng.choices(WORDS, k=rng.randint(2, 8))) + " =>")
+    prompt = encode(" ".join(rng.choices(WORDS.split(), k=rng.randint(2, 8))) + " =>")
     target = [*encode(LINE), EOS]
     return {"input_ids": prompt + target, "labels": [-100] * len(prompt) + target}
 
@@ -78,6 +77,9 @@ def fresh_model() -> nn.Module:
         pad_token_id=PAD,
         eos_token_id=EOS,
         bos_token_id=None,
+        # Weights ten times larger than transformers' default initialisation (like a trained
+        # model's), so that the frozen output layer can make confident predictions at all.
+        initializer_range=0.2,
     )
     return LlamaForCausalLM(config).eval()
 
