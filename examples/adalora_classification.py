@@ -53,9 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--steps", type=int, default=400)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument(
-        "--smoke", action="store_true", help="a few steps, a few sentences, the tiny BERT"
-    )
+    p.add_argument("--smoke", action="store_true", help="for tests: a few steps, the tiny BERT")
     args = p.parse_args(argv)
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()

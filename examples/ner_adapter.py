@@ -153,8 +153,11 @@ def show_prediction(model: nn.Module, tokenizer: Any, words: list[str]) -> None:
     enc = tokenizer(words, is_split_into_words=True, return_tensors="pt")
     with torch.no_grad():
         ids = model(**enc).logits[0].argmax(-1).tolist()
-    firsts = {w: i for i, w in reversed(list(enumerate(enc.word_ids()))) if w is not None}
-    tags = [LABELS[ids[firsts[w]]] for w in range(len(words))]
+    tags, previous = [], None
+    for position, word in enumerate(enc.word_ids()):  # a word's tag: its first sub-word's
+        if word is not None and word != previous:
+            tags.append(LABELS[ids[position]])
+        previous = word
     found = [(kind, " ".join(words[a : b + 1])) for kind, a, b in metrics.bio_spans(tags)]
     print(f"  {' '.join(words)!r} -> {found}")
 
@@ -164,9 +167,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--form", choices=["pfeiffer", "houlsby"], default="pfeiffer")
     p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument(
-        "--smoke", action="store_true", help="a few steps, a few sentences, the tiny BERT"
-    )
+    p.add_argument("--smoke", action="store_true", help="for tests: a few steps, the tiny BERT")
     args = p.parse_args(argv)
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     hf_logging.disable_progress_bar()
@@ -174,8 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     epochs = 1 if args.smoke else args.epochs
 
     with tempfile.TemporaryDirectory() as tmp:
-        words = {w for s, _ in train_set + dev_set for w in s}
-        name, model_dir = load_base(words, Path(tmp), tiny=args.smoke)
+        vocabulary = {w for sentence, _ in train_set + dev_set for w in sentence}
+        name, model_dir = load_base(vocabulary, Path(tmp), tiny=args.smoke)
         print(f"model: {name}; {len(train_set)} train / {len(dev_set)} dev sentences")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = fresh_model(model_dir)
@@ -209,8 +210,8 @@ def main(argv: list[str] | None = None) -> None:
         scores = trainer.evaluate(encode(tokenizer, dev_set))
         print(f"best at step {result.best_step}; dev entity span F1: {scores['f1']:.2%}", end=" ")
         print(f"(precision {scores['precision']:.2%}, recall {scores['recall']:.2%})")
-        for words_, _ in dev_set[:3]:
-            show_prediction(model, tokenizer, words_)
+        for sentence, _ in dev_set[:3]:
+            show_prediction(model, tokenizer, sentence)
 
         check_reload(model_dir, tokenizer, model, dev_set, Path(tmp) / "adapter")
 
@@ -232,9 +233,8 @@ def check_reload(
     size = sum(f.stat().st_size for f in out.iterdir())
     reloaded = peftkit.load_adapter(fresh_model(model_dir), out)
     torch.testing.assert_close(outputs(reloaded), outputs(model))
-    print(
-        f"saved the adapter ({size / 1e3:.0f} kB) and reloaded it onto a fresh base: same outputs"
-    )
+    print(f"saved the adapter ({size / 1e3:.0f} kB)", end=" ")
+    print("and reloaded it onto a fresh base: same outputs")
 
 
 if __name__ == "__main__":
