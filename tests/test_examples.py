@@ -1,11 +1,15 @@
-"""Every script in examples/ runs in its smoke mode, so none can rot.
+"""Every script in examples/ runs in its smoke mode, and the notebook runs, so none can rot.
 
 A new example needs nothing here: it is found by the glob and must accept ``--smoke`` (a run of a
-few seconds that still exercises every step it shows).
+few seconds that still exercises every step it shows). Lines it prints only when its own checks
+passed go in EXPECT. The notebook's code cells run in order as one script in a fresh process (no
+Jupyter needed).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,24 +18,79 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = sorted((ROOT / "examples").glob("*.py"))
+NOTEBOOKS = sorted((ROOT / "examples").glob("*.ipynb"))
 # Lines an example prints only when its own checks passed.
-EXPECT = {"sst2_lora.py": ["dev accuracy", "reloaded it: same outputs", "with the same outputs"]}
+EXPECT = {
+    "sst2_lora.py": ["dev accuracy", "reloaded it: same outputs", "with the same outputs"],
+    "ner_adapter.py": ["dev entity span F1", "reloaded it onto a fresh base: same outputs"],
+    "prefix_generation.py": [
+        "folded the prefix MLP",
+        "the same tokens as without it",
+        "same logits, same generations",
+    ],
+    "adalora_classification.py": [
+        "ranks at the start (budget 96 triplets)",
+        "ranks after 8 steps (budget 32 triplets)",
+        "reloaded at the pruned ranks: identical outputs",
+        "the merged model gives the same outputs",
+    ],
+    "compose_methods.py": [
+        "reloaded adapters ['attn', 'ffn', 'prefix'] onto a fresh base: same outputs",
+        "merged 4 layer(s)",
+        "kept ffn:model.layers.0.mlp.down_proj",
+        "kept prefix:prefix",
+        "after the merge: ['ffn', 'prefix'] remain, same outputs",
+    ],
+    "quickstart.ipynb": [
+        "reloaded onto a fresh base: same outputs",
+        "Linear layers again: same outputs after the merge",
+    ],
+}
+# Tiny models run fastest on one thread, and a shared machine's cores do not slow them down then.
+ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+
+def run(args: list[str], cwd: Path, name: str) -> str:
+    done = subprocess.run(
+        [sys.executable, *args], capture_output=True, text=True, timeout=300, cwd=cwd, env=ENV
+    )
+    assert done.returncode == 0, f"{name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
+    missing = [line for line in EXPECT.get(name, []) if line not in done.stdout]
+    assert not missing, f"{name} did not print {missing}:\n{done.stdout[-4000:]}"
+    return done.stdout
 
 
 def test_there_are_examples() -> None:
     assert EXAMPLES, "examples/ holds no scripts"
+    assert NOTEBOOKS, "examples/ holds no notebook"
+    found = {p.name for p in EXAMPLES + NOTEBOOKS}
+    assert set(EXPECT) <= found, f"EXPECT names examples that do not exist: {set(EXPECT) - found}"
+
+
+def test_examples_readme_lists_every_example() -> None:
+    readme = (ROOT / "examples" / "README.md").read_text()
+    unlisted = [p.name for p in EXAMPLES + NOTEBOOKS if p.name not in readme]
+    assert not unlisted, f"examples/README.md does not list {unlisted}"
 
 
 @pytest.mark.parametrize("script", EXAMPLES, ids=lambda p: p.name)
 def test_example_runs_in_smoke_mode(script: Path, tmp_path: Path) -> None:
     assert "--smoke" in script.read_text(), f"{script.name} must accept --smoke"
-    done = subprocess.run(
-        [sys.executable, str(script), "--smoke"],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=tmp_path,
+    run([str(script), "--smoke"], tmp_path, script.name)
+
+
+def notebook_code(path: Path) -> str:
+    """The notebook's code cells in order, one script; refuses committed outputs."""
+    cells = json.loads(path.read_text())["cells"]
+    code = [c for c in cells if c["cell_type"] == "code"]
+    assert all(not c["outputs"] and c["execution_count"] is None for c in code), (
+        f"{path.name}: clear the outputs before committing (Cell > All Output > Clear)"
     )
-    assert done.returncode == 0, (
-        f"{script.name} failed:\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}"
-    )
+    return "\n\n".join("".join(c["source"]) for c in code)
+
+
+@pytest.mark.parametrize("notebook", NOTEBOOKS, ids=lambda p: p.name)
+def test_notebook_runs(notebook: Path, tmp_path: Path) -> None:
+    script = tmp_path / (notebook.stem + ".py")
+    script.write_text(notebook_code(notebook))
+    run([str(script)], tmp_path, notebook.name)
