@@ -244,7 +244,8 @@ def inference_tasks(
         tasks[f"{key}|unmerged"] = infer_fn(prep.model, batch)
         if prep.merged is not None:
             merged, notes[key] = prep.merged()
-            tasks[f"{key}|merged"] = infer_fn(merged, batch)
+            if merged is not None:
+                tasks[f"{key}|merged"] = infer_fn(merged, batch)
         else:
             notes[key] = "cannot merge"
     return tasks, notes

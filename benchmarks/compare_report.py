@@ -107,7 +107,7 @@ def goals(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> list[tuple
             out.append(
                 (f"{r['label']} memory ≤ {MEMORY_GOAL}× floor", fmt_ratio(r["mem_vs_floor"]), met)
             )
-        if r["infer_merged_vs_base"] is not None:
+        if r["merge"] == "fully merged" and r["infer_merged_vs_base"] is not None:
             met = r["infer_merged_vs_base"] <= MERGED_GOAL
             out.append(
                 (

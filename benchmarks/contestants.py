@@ -36,9 +36,10 @@ class Prepared:
     regularizer: Callable[[], torch.Tensor | None] = lambda: None
     after_step: Callable[[int], None] = lambda step: None
     # For inference: whether the trained model is worth timing (adapters on its path), and how to
-    # get a merged copy of it with a note on what the merge did (None: the method cannot merge).
+    # get a merged copy of it with a note on what the merge did (no copy, or a copy of None: the
+    # method cannot merge; the note says why).
     infer: bool = True
-    merged: Callable[[], tuple[nn.Module, str]] | None = None
+    merged: Callable[[], tuple[nn.Module | None, str]] | None = None
     config: dict[str, Any] = field(default_factory=dict)
 
 
@@ -77,10 +78,18 @@ def _peftkit(method: str) -> Callable[[nn.Module, int], Prepared]:
         config = demo_config(method, total_steps)
         peftkit.apply(model, config, adapter_name="bench")
 
-        def merged() -> tuple[nn.Module, str]:
+        def merged() -> tuple[nn.Module | None, str]:
+            # What a user deploys: a prefix's MLP folded away, then every mergeable layer merged.
             twin = copy.deepcopy(model)
+            folded = peftkit.fold_prefix(twin)
             report = peftkit.merge_and_unload(twin)
-            return twin, f"kept {len(report.kept)} layer(s)" if report.kept else "fully merged"
+            if not report.kept:
+                return twin, "fully merged"
+            if not report.merged and not folded:
+                return None, "cannot merge: " + "; ".join(sorted(set(report.kept.values())))
+            done = ["prefix MLP folded"] if folded else []
+            done += [f"merged {len(report.merged)} layer(s)"] if report.merged else []
+            return twin, ", ".join(done) + f", kept {len(report.kept)}"
 
         return Prepared(
             model,
@@ -131,6 +140,7 @@ def peft_lora_config(total_steps: int, **extra: Any) -> Any:
 
 
 def peft_adalora_config(total_steps: int) -> Any:
+    """peft's AdaLoraConfig for peftkit's AdaLoRA demo config (ranks, schedule, EMA, penalty)."""
     from peft import AdaLoraConfig
 
     f = _fields("adalora", total_steps)
@@ -140,20 +150,27 @@ def peft_adalora_config(total_steps: int) -> Any:
         lora_alpha=f.get("alpha", 16),
         lora_dropout=f.get("dropout", 0.0),
         total_step=total_steps,
-        tinit=f.get("tinit", 0),
-        tfinal=f.get("tfinal", 0),
+        tinit=f.get("t_init", 0),
+        tfinal=f.get("t_final", 0),
         deltaT=f.get("delta_t", 1),
+        beta1=f.get("beta1", 0.85),
+        beta2=f.get("beta2", 0.85),
+        orth_reg_weight=f.get("orth_reg_weight", 0.5),
         target_modules=_peft_targets(f),
         task_type="CAUSAL_LM",
     )
 
 
 def peft_prefix_config(total_steps: int) -> Any:
+    """peft's PrefixTuningConfig for peftkit's prefix demo config (length; MLP re-parametrisation)."""
     from peft import PrefixTuningConfig
 
     f = _fields("prefix", total_steps)
-    length = f.get("num_virtual_tokens", f.get("length", 10))
-    return PrefixTuningConfig(num_virtual_tokens=length, task_type="CAUSAL_LM")
+    mlp_hidden = f.get("mlp_hidden")
+    extra = {"prefix_projection": True, "encoder_hidden_size": mlp_hidden} if mlp_hidden else {}
+    return PrefixTuningConfig(
+        num_virtual_tokens=f.get("prefix_length", 10), task_type="CAUSAL_LM", **extra
+    )
 
 
 PEFT_TWINS: dict[str, Callable[[int], Any]] = {

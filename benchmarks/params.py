@@ -4,20 +4,22 @@
     python benchmarks/params.py --vs-peft   # and HF peft's count where peft has the method
 
 Models are built on the meta device (shapes only, no weights, no memory), so the biggest setup takes
-a fraction of a second. A setup whose method is not registered shows its closed form only; a setup
-whose config no longer fits its method's config class says so (edit ``SETUPS`` below).
+a fraction of a second. A setup whose method is not registered (a trimmed install) shows its closed
+form only; a setup whose fields no longer fit its method's config class says so (edit ``SETUPS``).
 
 Closed forms (d: hidden size, L: layers, r: rank, m: bottleneck, p: prefix length):
     LoRA on W_q and W_v:        L · 2 · r · (d + d)           (Hu et al. 2021, Table 2: 0.3M / 0.8M)
     Houlsby adapters:           L · 2 · (2·m·d + m + d)       two per layer, biases included
     Pfeiffer adapters:          L · (2·m·d + m + d)           one per layer, after the feed-forward
     Prefix (keys and values):   L · 2 · p · d                 the stored prefix, no re-parametrisation
+
+Adapters are counted without their optional input LayerNorm (``layer_norm=False``), as the closed
+forms are; HF peft has no bottleneck adapters, so those rows have no peft count.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,19 +39,11 @@ class Setup:
     name: str
     method: str  # registry name
     model: Callable[[], nn.Module]
-    fields: dict[str, Any]  # wanted settings; keys are looked up among the config's field names
+    fields: dict[str, Any]  # the method's config fields for this setup
     closed_form: int
     formula: str
     paper: str = ""
     peft: Callable[[], Any] | None = None  # HF peft's config for the same setup
-
-
-# Field spellings a method's config may use for a setting (the first that exists is used).
-SPELLINGS = {
-    "bottleneck": ("bottleneck", "bottleneck_size", "reduction_dim", "hidden_dim", "size"),
-    "placement": ("placement", "style", "variant", "kind", "position"),
-    "length": ("length", "num_virtual_tokens", "prefix_length", "num_tokens", "n_prefix"),
-}
 
 
 def roberta(size: str) -> Callable[[], nn.Module]:
@@ -128,7 +122,7 @@ SETUPS = [
         "Houlsby adapters m=64 — BERT-base",
         "adapter",
         bert_base,
-        {"bottleneck": 64, "placement": "houlsby"},
+        {"form": "houlsby", "bottleneck": 64, "layer_norm": False},
         _bottleneck(12, 2, 64, 768),
         "L·2·(2md+m+d), L=12, m=64, d=768",
     ),
@@ -136,7 +130,7 @@ SETUPS = [
         "Pfeiffer adapter m=48 (d/16) — BERT-base",
         "adapter",
         bert_base,
-        {"bottleneck": 48, "placement": "pfeiffer"},
+        {"form": "pfeiffer", "bottleneck": 48, "layer_norm": False},
         _bottleneck(12, 1, 48, 768),
         "L·(2md+m+d), L=12, m=48, d=768",
     ),
@@ -144,7 +138,7 @@ SETUPS = [
         "Prefix length 10 — GPT-2 medium",
         "prefix",
         gpt2_medium,
-        {"length": 10},
+        {"prefix_length": 10},
         24 * 2 * 10 * 1024,
         "L·2·p·d, L=24, p=10, d=1024",
         "",
@@ -154,16 +148,9 @@ SETUPS = [
 
 
 def config_for(setup: Setup) -> peftkit.MethodConfig:
-    """The registered method's config with the setup's settings (spelled as its fields are)."""
-    config_cls = spec(setup.method).config_cls
-    names = {f.name for f in dataclasses.fields(config_cls)}
-    kwargs = {}
-    for want, value in setup.fields.items():
-        spelled = next((s for s in SPELLINGS.get(want, (want,)) if s in names), None)
-        if spelled is None:
-            raise TypeError(f"{config_cls.__name__} has no field for {want!r}")
-        kwargs[spelled] = value
-    return config_cls(**kwargs)
+    """The registered method's config with the setup's fields."""
+    config: peftkit.MethodConfig = spec(setup.method).config_cls(**setup.fields)
+    return config
 
 
 def count(setup: Setup) -> tuple[int | None, int, str]:

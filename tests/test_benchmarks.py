@@ -72,6 +72,15 @@ def test_compare_smoke_reports_every_method_against_the_floor(tmp_path: Path) ->
         pair = next(p for p in report["vs_peft"] if p["method"] == "lora")
         assert pair["trainable"] == 1.0 and pair["step"] > 0
         assert rows["peft:lora"]["trainable"] == lora["trainable"]
+        # peft's AdaLoRA and prefix twins pair with peftkit's methods of the same name.
+        paired = {p["method"]: p for p in report["vs_peft"] if p["peftkit"] is not None}
+        assert {"adalora", "prefix"} <= paired.keys()
+        assert paired["adalora"]["trainable"] == 1.0
+        assert rows["peft:prefix"]["config"]["prefix_projection"] is True
+    # Methods that cannot merge say why and get no merged timing.
+    adapter = rows["peftkit:adapter"]
+    assert adapter["merge"].startswith("cannot merge") and adapter["infer_merged_vs_base"] is None
+    assert rows["peftkit:prefix"]["merge"].startswith("prefix MLP folded")
 
 
 def test_params_counts_match_the_lora_paper_and_closed_forms(tmp_path: Path) -> None:
@@ -83,8 +92,12 @@ def test_params_counts_match_the_lora_paper_and_closed_forms(tmp_path: Path) -> 
     assert large["trainable"] == large["closed_form"] == 786_432  # the paper's 0.8M
     assert base["total"] > 120e6 and large["total"] > 350e6
     for setup in setups.values():
-        if setup["method"] not in BUILTIN:
+        if setup["method"] in BUILTIN:  # every registered method is counted, and agrees
+            assert setup["trainable"] == setup["closed_form"], setup
+        else:
             assert setup["trainable"] is None and "closed form only" in setup["note"]
+    assert setups["Houlsby adapters m=64 — BERT-base"]["trainable"] == 2_379_264
+    assert setups["Prefix length 10 — GPT-2 medium"]["trainable"] == 491_520
     if HAS_PEFT:
         assert base["peft"] == 294_912
     assert "RoBERTa-large" in out
