@@ -21,6 +21,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from peftkit.summary import markdown_table as markdown_table  # the scripts print tables with it
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 
@@ -252,15 +254,6 @@ def mib(n_bytes: float) -> float:
 
 
 # -- output ----------------------------------------------------------------------------------------
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    body = [list(header), *[list(r) for r in rows]]
-    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in body
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
 
 
 def write_json(path: Path, data: dict[str, Any]) -> None:

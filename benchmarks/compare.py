@@ -150,7 +150,10 @@ def child_memory(args: argparse.Namespace) -> None:
         for _ in range(args.mem_steps):
             step()
         peak = common.proc_status_bytes("VmHWM")
-        out[key] = {"train_bytes": peak - model_rss, "model_rss": model_rss, "reset": reset}
+        # The kernel batches RSS counts per thread (up to 64 pages each), so a method that adds
+        # nothing measurable can read a few hundred KiB below zero: that is 0.
+        extra = max(0, peak - model_rss)
+        out[key] = {"train_bytes": extra, "model_rss": model_rss, "reset": reset}
         del model, step
     print(json.dumps(out))
 

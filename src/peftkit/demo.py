@@ -22,7 +22,7 @@ from torch import nn
 from .checkpoint import load_adapter, save_adapter
 from .core import apply, merge_and_unload
 from .registry import methods, spec
-from .summary import trainable_summary
+from .summary import markdown_table, trainable_summary
 from .trainer import Trainer
 from .training.config import TrainConfig
 
@@ -149,7 +149,7 @@ def format_table(rows: list[DemoRow]) -> str:
         "merge",
         "save/load",
     )
-    body = [header]
+    body = []
     for r in rows:
         merge = "n/a (not mergeable)" if r.merge_diff is None else _check(r.merge_diff)
         body.append(
@@ -163,13 +163,7 @@ def format_table(rows: list[DemoRow]) -> str:
                 _check(r.reload_diff),
             )
         )
-    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
-    lines = [
-        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
-        for row in body
-    ]
-    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
-    return "\n".join(lines)
+    return markdown_table(header, body)
 
 
 def _check(diff: float, tol: float = 1e-4) -> str:

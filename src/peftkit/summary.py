@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -69,3 +70,15 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         trainable=sum(p.numel() for p in unique.values() if p.requires_grad),
         adapters=rows,
     )
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A markdown table with aligned columns (the demo's and the benchmarks' output)."""
+    body = [list(header), *[list(r) for r in rows]]
+    widths = [max(len(row[i]) for row in body) for i in range(len(header))]
+    lines = [
+        "| " + " | ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)) + " |"
+        for row in body
+    ]
+    lines.insert(1, "|" + "|".join("-" * (w + 2) for w in widths) + "|")
+    return "\n".join(lines)
