@@ -24,7 +24,7 @@ import peftkit
 from peftkit.interop import InteropError, export_peft, import_peft
 from peftkit.methods.adalora import AdaLoraLayer
 
-from helpers import snapshot
+from interop_helpers import assert_import_refused, edit_config
 from zoo import CASES, Case
 
 TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-5}
@@ -181,44 +181,29 @@ def _peft_adalora(path: Path, case: str = "llama", **fields: Any) -> Path:
     return path
 
 
-def _edit_config(path: Path, **changes: Any) -> None:
-    config = json.loads((path / "adapter_config.json").read_text())
-    config.update(changes)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-
-
-def _refused(path: Path, match: str, case: str = "llama") -> None:
-    model = CASES[case].build()
-    before = snapshot(model)
-    with pytest.raises(InteropError, match=match):
-        import_peft(model, path)
-    assert not peftkit.adapters(model)
-    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
-
-
 def test_target_r_above_init_r_is_refused_naming_the_fix(tmp_path: Path) -> None:
     path = _peft_adalora(tmp_path)
-    _edit_config(path, target_r=6)
-    _refused(path, "target_r=6 exceeds init_r=4.*raise init_r or lower target_r")
+    edit_config(path, target_r=6)
+    assert_import_refused(path, "target_r=6 exceeds init_r=4.*raise init_r or lower target_r")
 
 
 def test_non_positive_lora_alpha_is_refused(tmp_path: Path) -> None:
     path = _peft_adalora(tmp_path)
-    _edit_config(path, lora_alpha=0)
-    _refused(path, "lora_alpha=0.*scales each module by its own current rank")
+    edit_config(path, lora_alpha=0)
+    assert_import_refused(path, "lora_alpha=0.*scales each module by its own current rank")
 
 
 def test_a_rank_pattern_that_disagrees_with_the_tensors_is_refused(tmp_path: Path) -> None:
     path = _peft_adalora(tmp_path)
     key = "model.layers.0.self_attn.q_proj.lora_E"
-    _edit_config(path, rank_pattern={key: [True, False, False, False]})
-    _refused(path, "q_proj: the tensors have rank 4 but .* says 1")
+    edit_config(path, rank_pattern={key: [True, False, False, False]})
+    assert_import_refused(path, "q_proj: the tensors have rank 4 but .* says 1")
 
 
 def test_an_unknown_option_is_refused(tmp_path: Path) -> None:
     path = _peft_adalora(tmp_path)
-    _edit_config(path, use_dora=True)
-    _refused(path, r"DoRA \(use_dora=True\) is not supported by peftkit's AdaLoRA")
+    edit_config(path, use_dora=True)
+    assert_import_refused(path, r"DoRA \(use_dora=True\) is not supported by peftkit's AdaLoRA")
 
 
 class ConvNet(nn.Module):

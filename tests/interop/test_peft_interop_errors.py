@@ -20,7 +20,8 @@ import peftkit
 from peftkit import AdapterLayer, CheckpointError, SwapMethod, TargetedConfig
 from peftkit.interop import InteropError, converters, export_peft, import_peft
 
-from helpers import snapshot, temporarily_registered
+from helpers import temporarily_registered
+from interop_helpers import assert_import_refused, edit_config
 from zoo import CASES
 
 
@@ -30,29 +31,13 @@ def _peft_lora(tmp_path: Path, case: str = "llama", **fields: Any) -> Path:
     return tmp_path
 
 
-def _edit_config(path: Path, **changes: Any) -> None:
-    config = json.loads((path / "adapter_config.json").read_text())
-    config.update(changes)
-    (path / "adapter_config.json").write_text(json.dumps(config))
-
-
-def _refused(path: Path, match: str, case: str = "llama") -> None:
-    model = CASES[case].build()
-    before = snapshot(model)
-    with pytest.raises(InteropError, match=match):
-        import_peft(model, path)
-    assert not peftkit.adapters(model)
-    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
-    assert all(p.requires_grad for p in model.parameters())
-
-
 # -- import ------------------------------------------------------------------------------------
 def test_dora_is_refused(tmp_path: Path) -> None:
-    _refused(_peft_lora(tmp_path, use_dora=True), r"DoRA \(use_dora=True\)")
+    assert_import_refused(_peft_lora(tmp_path, use_dora=True), r"DoRA \(use_dora=True\)")
 
 
 def test_trained_base_bias_is_refused(tmp_path: Path) -> None:
-    _refused(
+    assert_import_refused(
         _peft_lora(tmp_path, case="bert", target_modules=["query"], bias="all"),
         "bias='all'",
         "bert",
@@ -60,7 +45,7 @@ def test_trained_base_bias_is_refused(tmp_path: Path) -> None:
 
 
 def test_lora_bias_is_refused(tmp_path: Path) -> None:
-    _refused(_peft_lora(tmp_path, lora_bias=True), "lora_bias=True")
+    assert_import_refused(_peft_lora(tmp_path, lora_bias=True), "lora_bias=True")
 
 
 @pytest.mark.parametrize(
@@ -81,13 +66,13 @@ def test_features_peftkit_cannot_represent_are_named(
     tmp_path: Path, changes: dict[str, Any], match: str
 ) -> None:
     path = _peft_lora(tmp_path)
-    _edit_config(path, **changes)
-    _refused(path, match)
+    edit_config(path, **changes)
+    assert_import_refused(path, match)
 
 
 def test_unknown_options_left_at_their_default_are_ignored(tmp_path: Path) -> None:
     path = _peft_lora(tmp_path)
-    _edit_config(path, some_future_option=None, another_one=False)
+    edit_config(path, some_future_option=None, another_one=False)
     import_peft(CASES["llama"].build(), path)
 
 
@@ -97,7 +82,7 @@ def test_other_peft_types_are_refused_with_the_supported_list(tmp_path: Path) ->
         IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
     )
     model.save_pretrained(tmp_path)
-    _refused(
+    assert_import_refused(
         tmp_path,
         r"peft_type 'IA3' is not supported; peftkit imports \['ADALORA', 'LORA', 'PREFIX_TUNING'\]",
     )
@@ -136,7 +121,7 @@ def test_missing_directory_and_files(tmp_path: Path) -> None:
 
 def test_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
     path = _peft_lora(tmp_path, case="bert", target_modules=["query"])
-    _refused(
+    assert_import_refused(
         path, "tensors for 'bert.encoder.layer.0.attention.self.query'.*model it was trained on"
     )
 
@@ -168,7 +153,7 @@ def test_stray_tensors_are_named(tmp_path: Path) -> None:
     tensors = load_file(path / "adapter_model.safetensors")
     tensors["base_model.model.model.norm.weight"] = torch.ones(32)
     save_file(tensors, path / "adapter_model.safetensors")
-    _refused(path, r"\['model\.norm\.weight'\] are neither LoRA factors")
+    assert_import_refused(path, r"\['model\.norm\.weight'\] are neither LoRA factors")
 
 
 def test_half_an_adapter_is_named(tmp_path: Path) -> None:
@@ -178,7 +163,7 @@ def test_half_an_adapter_is_named(tmp_path: Path) -> None:
     tensors = load_file(path / "adapter_model.safetensors")
     del tensors["base_model.model.model.layers.1.self_attn.v_proj.lora_B.weight"]
     save_file(tensors, path / "adapter_model.safetensors")
-    _refused(path, "v_proj: the adapter has only one of lora_A and lora_B")
+    assert_import_refused(path, "v_proj: the adapter has only one of lora_A and lora_B")
 
 
 # -- export ------------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ import peftkit
 from peftkit.interop import InteropError, export_peft, import_peft
 from peftkit.methods.prefix import PrefixConfig
 
-from helpers import snapshot
+from interop_helpers import assert_import_refused
 from zoo import CASES, Case
 
 TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-5}
@@ -163,22 +163,15 @@ def test_export_without_a_task_type_is_refused(tmp_path: Path) -> None:
         export_peft(model, tmp_path)
 
 
-def _refused(path: Path, match: str, case: str = "llama") -> None:
-    model = CASES[case].build()
-    before = snapshot(model)
-    with pytest.raises(InteropError, match=match):
-        import_peft(model, path)
-    assert not peftkit.adapters(model)
-    assert all(torch.equal(v, before[k]) for k, v in snapshot(model).items())
-
-
 def test_an_adapter_for_another_model_is_refused(tmp_path: Path) -> None:
     config = PrefixTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM")
     get_peft_model(CASES["gpt2"].build(), config).save_pretrained(tmp_path)
-    _refused(tmp_path, "made for a cache of .*import it into the model it was trained on")
+    assert_import_refused(
+        tmp_path, "made for a cache of .*import it into the model it was trained on"
+    )
 
 
 def test_an_encoder_decoder_prefix_is_refused(tmp_path: Path) -> None:
     config = PrefixTuningConfig(num_virtual_tokens=3, task_type="SEQ_2_SEQ_LM")
     get_peft_model(CASES["t5"].build(), config).save_pretrained(tmp_path)
-    _refused(tmp_path, "encoder-decoder prefix", case="t5")
+    assert_import_refused(tmp_path, "encoder-decoder prefix", case="t5")

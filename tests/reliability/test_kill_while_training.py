@@ -21,10 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from train_worker import STEPS, fit
 
 import peftkit
 from peftkit.training import state as S
+
+from train_worker import STEPS, fit
 
 WORKER = Path(__file__).with_name("train_worker.py")
 
