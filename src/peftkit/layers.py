@@ -12,6 +12,18 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+# torch's process-wide module hooks (nn.modules.module.register_module_forward_hook & co.).
+_GLOBAL_FORWARD_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, {})
+    for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
+)
+
+
+def has_forward_hooks(module: nn.Module) -> bool:
+    """Whether a forward or forward-pre hook (the module's own, or a process-wide one) runs around
+    ``module.forward``: such a hook may keep a reference to the module's output."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or any(_GLOBAL_FORWARD_HOOKS))
+
 
 class AdapterLayer(nn.Module):
     """Base of every wrapper.
@@ -50,6 +62,17 @@ class AdapterLayer(nn.Module):
         while isinstance(inner, AdapterLayer):
             inner = inner.base
         return inner
+
+    def base_output_is_private(self) -> bool:
+        """Whether the tensor ``self.base(x)`` returns reaches this layer only, so that it may be
+        updated in place: no hook on a module of the stack below (nor a process-wide one) could hold
+        it. An inner wrapper that is disabled returns its base's output itself, hence the walk."""
+        inner = self.base
+        while not has_forward_hooks(inner):
+            if not isinstance(inner, AdapterLayer):
+                return True
+            inner = inner.base
+        return False
 
     def base_weight(self) -> torch.Tensor:
         """The original module's ``weight``."""

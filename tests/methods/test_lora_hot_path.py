@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+import peftkit
 from peftkit import apply_lora
 
 from helpers import perturb
@@ -172,3 +173,53 @@ def test_inference_mode_and_a_full_model_step() -> None:
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(case.output(model), frozen)
+
+
+def _base_output(model: Holder, x: torch.Tensor) -> torch.Tensor:
+    base = model.inner.base_layer()
+    out: torch.Tensor = nn.functional.linear(x, base.weight, base.bias)
+    return out
+
+
+def test_a_forward_hook_on_the_base_sees_the_base_output_untouched() -> None:
+    model = _lora_linear()
+    seen: list[torch.Tensor] = []
+    model.inner.base_layer().register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        model(x)
+        torch.testing.assert_close(seen[-1], _base_output(model, x))
+
+
+def test_a_hook_below_a_disabled_inner_adapter_sees_the_base_output_untouched() -> None:
+    # The inner adapter, inactive, returns the hooked base's output itself to the outer one.
+    model = _lora_linear()
+    apply_lora(model, r=2, targets=["inner"], adapter_name="outer")
+    perturb(model, scale=0.5)
+    peftkit.set_active(model, ["outer"])
+    seen: list[torch.Tensor] = []
+    model.inner.base_layer().register_forward_hook(lambda m, i, o: seen.append(o))
+    x = torch.randn(5, 12)
+    with torch.no_grad():
+        y = model(x)
+        torch.testing.assert_close(seen[-1], _base_output(model, x))
+        assert not torch.equal(y, seen[-1])
+
+
+def test_a_process_wide_forward_hook_sees_the_base_output_untouched() -> None:
+    model = _lora_linear()
+    base = model.inner.base_layer()
+    seen: list[torch.Tensor] = []
+
+    def keep(module: nn.Module, args: Any, out: torch.Tensor) -> None:
+        if module is base:
+            seen.append(out)
+
+    handle = nn.modules.module.register_module_forward_hook(keep)
+    try:
+        x = torch.randn(5, 12)
+        with torch.no_grad():
+            model(x)
+        torch.testing.assert_close(seen[-1], _base_output(model, x))
+    finally:
+        handle.remove()

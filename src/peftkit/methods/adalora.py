@@ -20,17 +20,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, check_finite_number, check_positive_int, check_probability
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, has_forward_hooks
 from ..registry import register_method
 from ..targeting import is_conv1d
 from .base import MergeReport, SwapMethod, apply_with
 
 _FACTORS = ("P", "lam", "Q")
-# torch's process-wide module hooks (nn.modules.module.register_module_forward_hook & co.).
-_GLOBAL_MODULE_HOOKS = tuple(
-    getattr(torch.nn.modules.module, name, {})
-    for name in ("_global_forward_hooks", "_global_forward_pre_hooks")
-)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -186,10 +181,7 @@ class AdaLoraLayer(AdapterLayer):
     def _writes_into_base_output(self) -> bool:
         """Whether forward may compute the base itself and add in place: the base is a plain
         nn.Linear and no forward hook (which could keep or change its output) is registered."""
-        base = self.base
-        return self.plain_linear and not (
-            base._forward_hooks or base._forward_pre_hooks or any(_GLOBAL_MODULE_HOOKS)
-        )
+        return self.plain_linear and not has_forward_hooks(self.base)
 
     def delta_weight(self) -> torch.Tensor:
         live = (self.lam * self.mask).float()
