@@ -1,6 +1,7 @@
 """Trainer step vs the same step written by hand, alternating step by step in one process.
 
     python benchmarks/trainer_overhead.py [--steps 20] [--rounds 5] [--device cpu|cuda]
+    python benchmarks/trainer_overhead.py --smoke     # a few steps; the test suite runs this
 
 Both train the demo's Llama-shaped model with LoRA on the demo task (AdamW, constant lr, no
 clipping). Prints the median step time of each and their ratio; the difference is the Trainer's
@@ -42,7 +43,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--smoke", action="store_true", help="2 rounds of 2 steps: seconds")
     args = parser.parse_args()
+    if args.smoke:
+        args.steps, args.rounds = 2, 2
     device = torch.device(args.device)
     base = default_model()
     peftkit.apply_lora(base, r=8)

@@ -178,3 +178,8 @@ def test_quality_names_missing_data_files(tmp_path: Path) -> None:
         timeout=120,
     )
     assert done.returncode != 0 and "train.tsv" in done.stderr
+
+
+def test_trainer_overhead_smoke_compares_the_two_steps() -> None:
+    out = run("trainer_overhead.py", "--smoke")
+    assert "hand-written step" in out and "Trainer step" in out and "ratio" in out
