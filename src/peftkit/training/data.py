@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 
 class ShardSampler(Sampler[int]):
@@ -80,10 +87,13 @@ def loader_spec(
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset) or data.batch_size is None:
             return None
+        shuffle = _shuffles(data.sampler, len(data.dataset))
+        if shuffle is None:
+            return None  # a sampler of its own (subset, weighted, distributed): used as it comes
         return LoaderSpec(
             data.dataset,
             data.batch_size,
-            isinstance(data.sampler, RandomSampler),
+            shuffle,
             data.collate_fn,
             data.num_workers,
             data.drop_last,
@@ -98,6 +108,16 @@ def loader_spec(
             f"training data must be a Dataset, a DataLoader or an iterable of batches, got "
             f"{type(data).__name__}"
         )
+    return None
+
+
+def _shuffles(sampler: Any, n: int) -> bool | None:
+    """Whether a DataLoader's sampler is torch's plain shuffle (True) or in-order one (False); None
+    for any other sampler, whose choice of examples the Trainer's own sampling would not keep."""
+    if type(sampler) is SequentialSampler:
+        return False
+    if type(sampler) is RandomSampler and not sampler.replacement and sampler.num_samples == n:
+        return True
     return None
 
 
