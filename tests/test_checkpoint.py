@@ -84,6 +84,21 @@ def test_load_selected_adapters_only(tmp_path: Path) -> None:
         load_adapter(_fresh(), tmp_path, ["nope"])
 
 
+def test_saving_named_adapters_keeps_the_order_they_compute_in(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    peftkit.apply_adapter(model, targets=["down"], adapter_name="a")
+    peftkit.apply_adapter(model, targets=["down"], adapter_name="b")  # stacked: order matters
+    perturb(model, seed=4, scale=0.5)
+    with torch.no_grad():
+        expected = model(_ids())
+    save_adapter(model, tmp_path, ["b", "a", "b"])
+    fresh = load_adapter(_fresh(), tmp_path)
+    assert list(peftkit.adapters(fresh)) == ["a", "b"]
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_ids()), expected, rtol=0, atol=0)
+
+
 def test_atomic_save_leaves_no_temporary_files_and_replaces_old(tmp_path: Path) -> None:
     save_adapter(_trained(seed=0), tmp_path)
     model = _trained(seed=5)

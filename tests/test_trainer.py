@@ -218,6 +218,58 @@ def test_nonfinite_loss_can_skip_the_step() -> None:
     assert not all(torch.equal(after[2][k], after[3][k]) for k in after[2])
 
 
+# -- data ------------------------------------------------------------------------------------------
+class _Recorder(nn.Module):
+    """A one-weight regression model that records the examples it sees (their first feature)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = nn.Linear(1, 1)
+        self.seen: list[float] = []
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.seen.extend(x[:, 0].tolist())
+        out: torch.Tensor = self.w(x)
+        return out
+
+
+def test_a_dataloader_with_its_own_sampler_keeps_it_in_training_and_evaluation() -> None:
+    from torch.utils.data import DataLoader, SubsetRandomSampler, TensorDataset
+
+    data = TensorDataset(torch.arange(10.0).unsqueeze(1), torch.zeros(10, 1))
+    subset = DataLoader(data, batch_size=2, sampler=SubsetRandomSampler([0, 1, 2, 3]))
+    model = _Recorder()
+    trainer = Trainer(model, TrainConfig(epochs=2, task="regression", **QUIET))
+    assert trainer.fit(subset).step == 4  # 2 epochs of 2 batches
+    assert sorted(model.seen) == sorted([0.0, 1.0, 2.0, 3.0] * 2)
+    model.seen.clear()
+    trainer.evaluate(subset)
+    assert sorted(model.seen) == [0.0, 1.0, 2.0, 3.0]
+
+
+def test_a_sampler_with_set_epoch_gets_each_epoch() -> None:
+    from torch.utils.data import DataLoader, Sampler, TensorDataset
+
+    class EpochSampler(Sampler[int]):
+        def __init__(self) -> None:
+            self.epochs: list[int] = []
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epochs.append(epoch)
+
+        def __iter__(self) -> Any:
+            return iter(range(4))
+
+        def __len__(self) -> int:
+            return 4
+
+    sampler = EpochSampler()
+    data = TensorDataset(torch.arange(4.0).unsqueeze(1), torch.zeros(4, 1))
+    loader = DataLoader(data, batch_size=2, sampler=sampler)
+    Trainer(_Recorder(), TrainConfig(epochs=3, task="regression", **QUIET)).fit(loader)
+    assert sampler.epochs == [0, 1, 2]
+
+
 # -- evaluation, early stopping, best checkpoint, logs --------------------------------------------
 def test_early_stopping_keeps_the_best_adapter(tmp_path: Path) -> None:
     model = lora_transformer()

@@ -45,15 +45,18 @@ def save_adapter(
 ) -> Path:
     """Write the model's adapters (or the named ones) to ``directory``; returns the directory.
 
-    Only adapter parameters and saved modules are stored, never base weights.
+    Only adapter parameters and saved modules are stored, never base weights. Adapters are stored
+    in the order they were applied (which ``load_adapter`` restores), whatever the order of
+    ``adapter_names``: stacked adapters compute in that order.
     """
     methods = adapters(model)
-    names = list(adapter_names) if adapter_names is not None else list(methods)
-    if not names:
+    wanted = list(adapter_names) if adapter_names is not None else list(methods)
+    if not wanted:
         raise ValueError("the model has no adapters to save; apply one first")
-    unknown = [n for n in names if n not in methods]
+    unknown = [n for n in wanted if n not in methods]
     if unknown:
         raise KeyError(f"no adapter named {unknown}; the model has {list(methods)}")
+    names = [n for n in methods if n in wanted]
     for name in names:
         methods[name].before_save(model)
     entries = [

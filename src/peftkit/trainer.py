@@ -298,6 +298,9 @@ class Trainer:
     def _epoch_batches(self, data: Any, spec: D.LoaderSpec | None) -> Iterable[Any]:
         p, seed = self.progress, self.config.seed
         if spec is None:
+            set_epoch = getattr(getattr(data, "sampler", None), "set_epoch", None)
+            if callable(set_epoch):
+                set_epoch(p.epoch)  # e.g. a DistributedSampler: a new order each epoch
             return D.skip(data, p.batch)
         sampler = D.ShardSampler(
             len(spec.dataset),

@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch.utils.data import DataLoader, Dataset, IterableDataset, RandomSampler, Sampler
+from torch.utils.data import (
+    DataLoader,
+    Dataset,
+    IterableDataset,
+    RandomSampler,
+    Sampler,
+    SequentialSampler,
+)
 
 
 class ShardSampler(Sampler[int]):
@@ -80,10 +87,13 @@ def loader_spec(
     if isinstance(data, DataLoader):
         if isinstance(data.dataset, IterableDataset) or data.batch_size is None:
             return None
+        shuffled = _shuffles(data.sampler)
+        if shuffled is None:
+            return None  # a sampler of its own (subset, weighted, distributed): used as it comes
         return LoaderSpec(
             data.dataset,
             data.batch_size,
-            isinstance(data.sampler, RandomSampler),
+            shuffled,
             data.collate_fn,
             data.num_workers,
             data.drop_last,
@@ -99,6 +109,15 @@ def loader_spec(
             f"{type(data).__name__}"
         )
     return None
+
+
+def _shuffles(sampler: Any) -> bool | None:
+    """Whether a DataLoader's sampler is torch's plain shuffle (True) or in-order one (False); None
+    for any other sampler, whose choice of examples the Trainer's own sampling would not keep."""
+    if type(sampler) is SequentialSampler:
+        return False
+    plain = type(sampler) is RandomSampler and not sampler.replacement
+    return True if plain and sampler.num_samples == len(sampler.data_source) else None
 
 
 def build_loader(spec: LoaderSpec, sampler: ShardSampler, seed: int) -> DataLoader[Any]:
