@@ -19,7 +19,7 @@ from peftkit.training.tasks import TaskLoss
 
 from helpers import perturb
 from trainer_data import adapter_tensors, classification_data, lm_data, lora_bert, lora_transformer
-from zoo import TinyMLP
+from zoo import CASES, TinyMLP
 
 
 class Killed(Exception):
@@ -265,3 +265,23 @@ def test_methods_with_runtime_state_are_reapplied_on_resume(
     assert restored == [{"live": 1}]
     for key, value in adapter_tensors(model).items():
         assert torch.equal(value, reference[key]), key
+
+
+def test_a_run_whose_adapter_saves_in_another_form_refuses_to_resume_naming_why(
+    tmp_path: Path,
+) -> None:
+    """Prefix-tuning through an MLP saves the folded prefix: its optimiser state cannot be restored
+    onto it, and the resume says so instead of failing inside torch."""
+
+    def run(resume: Any = None) -> None:
+        model = CASES["llama"].build()
+        peftkit.apply_prefix(model, prefix_length=2, mlp_hidden=8)
+        config = TrainConfig(
+            batch_size=4, max_steps=2, lr=1e-2, save_every=1, eval_every=None,
+            output_dir=str(tmp_path), progress=False,
+        )  # fmt: skip
+        Trainer(model, config, loss_fn=TaskLoss("causal_lm")).fit(lm_data(8), resume_from=resume)
+
+    run()
+    with pytest.raises(CheckpointError, match=r"cannot resume: .*prefix-tuning with mlp_hidden"):
+        run(resume="latest")
