@@ -230,6 +230,8 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
         return None
     inner = layer.base
     while isinstance(inner, AdapterLayer):
+        if isinstance(inner, SavedModule):  # it computes with its trained copy, not this weight
+            return "sits outside a module trained in full (modules_to_save); it stays as a layer"
         if not inner.additive and not inner.merged:
             return f"sits outside a non-linear {type(inner).__name__}; merging would change outputs"
         inner = inner.base
