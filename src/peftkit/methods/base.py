@@ -16,7 +16,14 @@ from torch import nn
 
 from ..config import MethodConfig, TargetedConfig
 from ..layers import AdapterLayer, SavedModule
-from ..targeting import is_conv1d_class, remove_wrapper, select, select_named, set_module
+from ..targeting import (
+    check_called,
+    is_conv1d_class,
+    remove_wrapper,
+    select,
+    select_named,
+    set_module,
+)
 
 
 @dataclass
@@ -75,7 +82,9 @@ class Method:
 
     def inject_saved_modules(self, model: nn.Module) -> None:
         """Wrap ``config.modules_to_save`` in trainable copies owned by this adapter."""
-        for path, module in select_named(model, self.config.modules_to_save, "modules_to_save"):
+        chosen = select_named(model, self.config.modules_to_save, "modules_to_save")
+        check_called(model, chosen, "modules_to_save")
+        for path, module in chosen:
             layer = SavedModule(module, self.adapter_name, path)
             set_module(model, path, layer)
             self.layers.append(layer)
