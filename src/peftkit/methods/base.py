@@ -247,6 +247,11 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
     weight = getattr(inner, "weight", None)
     if weight is not None and id(weight) in tied:
         return "its base weight is tied to another module (e.g. input and output embeddings)"
+    if isinstance(inner, nn.Embedding) and inner.max_norm is not None:
+        return (
+            "its base nn.Embedding renormalises the rows it looks up (max_norm), in place: a "
+            "folded update would be renormalised too, and unmerge could not subtract it exactly"
+        )
     owner = _forward_owner(inner)
     if owner is not None:
         return (

@@ -150,12 +150,24 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """y = base(ids) + s * A[:, ids]ᵀ Bᵀ;  ids: (...), y: (..., dim).  A: (r, vocab), B: (dim, r).
 
-    The adapter path has no dropout: dropping token ids is meaningless.
+    The adapter path has no dropout: dropping token ids is meaningless. As in the base, the
+    ``padding_idx`` row never changes: A's column for it starts at zero and gets no gradient.
     """
 
     def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
         assert isinstance(inner, nn.Embedding)
         return (self.r, inner.num_embeddings), (inner.embedding_dim, self.r)
+
+    def init_factors(self, init: Init) -> None:
+        super().init_factors(init)
+        pad = self.padding_idx()
+        if pad is not None:
+            with torch.no_grad():
+                self.lora_A[:, pad] = 0
+
+    def padding_idx(self) -> int | None:
+        pad = getattr(self.base_layer(), "padding_idx", None)
+        return None if pad is None else int(pad)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -164,7 +176,8 @@ class LoraEmbedding(LoraLayer):
         flat = ids.reshape(-1)
         private = self.base_output_is_private()  # a hook below sees ids in the model's shape
         y = _base_rows(self, ids, flat, private)
-        y = _add_scaled(y, F.embedding(flat, self.lora_A.t()), self, private)
+        h = F.embedding(flat, self.lora_A.t(), self.padding_idx())
+        y = _add_scaled(y, h, self, private)
         return y.view(*ids.shape, y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
