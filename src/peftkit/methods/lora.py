@@ -230,11 +230,11 @@ def _add_scaled(y: torch.Tensor, h: torch.Tensor, layer: LoraLayer, private: boo
     """y + s · h Bᵀ as one GEMM;  y: (n, out) the base's output, h: (n, r).  B A is never formed.
 
     The GEMM accumulates into y's own memory when y is a fresh tensor (not a view) of h's dtype
-    that no forward hook below could hold (``private``, from ``base_output_is_private``): then nothing else sees the wrapped layer's output and
-    its backward does not need it, so this saves allocating and copying an output-sized tensor per
-    call (the largest cost of the adapter path after the GEMMs themselves). Otherwise (transformers'
-    Conv1D returns a view; mixed dtypes; a hook that may keep the base output) an out-of-place
-    addmm computes the same.
+    that no forward hook below could hold (``private``, from ``base_output_is_private``): then
+    nothing else sees the wrapped layer's output and its backward does not need it, so this saves
+    allocating and copying an output-sized tensor per call (the largest cost of the adapter path
+    after the GEMMs themselves). Otherwise (transformers' Conv1D returns a view; mixed dtypes; a
+    hook that may keep the base output) an out-of-place addmm computes the same.
     """
     b, scale = layer.lora_B, layer.scaling
     if private and y._base is None and y.dtype == h.dtype:
