@@ -162,8 +162,9 @@ class Method:
         """Fold mergeable layers into the base weights; with ``unload``, drop their wrappers too."""
         report = MergeReport()
         tied = _tied_parameter_ids(model)
+        kept = _kept_original_ids(model) if unload else set()
         for layer in list(self.layers):
-            reason = merge_blocker(layer, tied)
+            reason = merge_blocker(layer, tied) or _unload_blocker(layer, kept)
             if reason:
                 report.kept[f"{self.adapter_name}:{layer.path}"] = reason
                 continue
@@ -259,6 +260,31 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
             "embedding), so the update folded into the weight would not give the same outputs"
         )
     return None
+
+
+def _kept_original_ids(model: nn.Module) -> set[int]:
+    """Base parameters an adapter trains in place while keeping their original values to restore."""
+    from ..core import adapters
+
+    return {
+        id(p)
+        for method in adapters(model).values()
+        if method.trains_base_in_place and method.restorable
+        for p in method.parameters()
+    }
+
+
+def _unload_blocker(layer: AdapterLayer, kept: set[int]) -> str | None:
+    """Why ``layer`` cannot be merged for good: restoring the kept original would drop its update."""
+    if (
+        isinstance(layer, SavedModule)
+        or id(getattr(layer.base_layer(), "weight", None)) not in kept
+    ):
+        return None
+    return (
+        "its base weight is trained in place by an adapter that keeps the original to restore it, "
+        "which would drop this update; merge_and_unload that adapter first, or merge without unload"
+    )
 
 
 def _forward_owner(module: nn.Module) -> str | None:
