@@ -91,6 +91,60 @@ def test_merge_stack_then_unmerge(two_adapters: torch.nn.Module) -> None:
         torch.testing.assert_close(model(_ids()), expected, rtol=1e-5, atol=1e-5)
 
 
+def test_switching_off_a_merged_adapter_is_refused(two_adapters: torch.nn.Module) -> None:
+    # Its update lives in the base weights: making only "b" active would still compute with "a".
+    model = two_adapters
+    peftkit.set_active(model, "b")
+    with torch.no_grad():
+        only_b = model(_ids())
+    peftkit.set_active(model, "a")
+    peftkit.merge(model, ["a"])
+    with pytest.raises(RuntimeError, match=r"'a' is merged.*unmerge"):
+        peftkit.set_active(model, "b")
+    assert peftkit.active_adapters(model) == ["a"]
+    peftkit.unmerge(model)
+    peftkit.set_active(model, "b")
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), only_b, rtol=1e-5, atol=1e-5)
+
+
+def test_loading_adapter_tensors_into_a_merged_adapter_is_refused(
+    two_adapters: torch.nn.Module,
+) -> None:
+    # unmerge subtracts delta_weight(): after a load it would subtract the new update, not the
+    # merged one, leaving the base weights changed for good.
+    model = two_adapters
+    tensors = {k: v.clone() + 1 for k, v in peftkit.adapter_state_dict(model).items()}
+    weight = model.layers[0].v_proj.base_layer().weight.detach().clone()
+    peftkit.merge(model)
+    with pytest.raises(RuntimeError, match="unmerge"):
+        peftkit.load_adapter_state_dict(model, tensors)
+    peftkit.unmerge(model)
+    torch.testing.assert_close(
+        model.layers[0].v_proj.base_layer().weight, weight, atol=1e-6, rtol=0
+    )
+    peftkit.load_adapter_state_dict(model, tensors)
+
+
+def test_merge_keeps_a_layer_that_wraps_a_saved_module() -> None:
+    # The saved module computes with its trained copy; folding the outer LoRA into the original
+    # module's weight (which the merged saved module no longer uses) would drop the update.
+    torch.manual_seed(0)
+    model = TinyTransformer()
+    apply_lora(model, r=2, targets=["q_proj"], modules_to_save=["up"], adapter_name="a")
+    apply_lora(model, r=2, targets=["up"], adapter_name="b")
+    perturb(model)
+    with torch.no_grad():
+        expected = model(_ids())
+        report = peftkit.merge(model)
+        assert any(
+            k.startswith("b:") and "modules_to_save" in why for k, why in report.kept.items()
+        )
+        torch.testing.assert_close(model(_ids()), expected, rtol=1e-5, atol=1e-5)
+        peftkit.merge_and_unload(model)
+        torch.testing.assert_close(model(_ids()), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_merge_and_unload_inactive_adapter_is_kept_and_reported(
     two_adapters: torch.nn.Module,
 ) -> None:

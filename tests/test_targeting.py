@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from torch import nn
 
 import peftkit
 from peftkit import LoraConfig, TargetError, apply_lora
 from peftkit.targeting import get_module, iter_modules, layer_index, matches, select
 
+from helpers import perturb
 from zoo import CASES, TinyTransformer
 
 
@@ -87,3 +89,40 @@ def test_modules_an_adapter_adds_beside_the_base_are_never_walked_or_targeted() 
     assert "layers.0.extra.proj" not in _names(model, targets="all-linear")
     with pytest.raises(TargetError, match="matched no module"):
         _names(model, targets=["extra.proj"])
+
+
+def _torch_encoder() -> nn.Module:
+    model = nn.Sequential()
+    model.add_module("enc", nn.TransformerEncoderLayer(16, 2, 32, dropout=0.0, batch_first=True))
+    model.add_module("head", nn.Linear(16, 3))
+    return model.eval()
+
+
+@pytest.mark.parametrize("targets", [["out_proj"], ["linear1"], "all-linear"])
+def test_modules_the_parent_never_calls_are_refused(targets: list[str] | str) -> None:
+    # MultiheadAttention reads out_proj.weight; the encoder layer's eval fast path reads every
+    # weight. A wrapper there would silently change nothing at inference.
+    model = _torch_encoder()
+    with pytest.raises(TargetError, match=r"cannot adapt 'enc\.(self_attn\.out_proj|linear1)'"):
+        apply_lora(model, targets=targets)
+    assert not peftkit.adapters(model)
+    with pytest.raises(TargetError, match="modules_to_save cannot adapt 'enc.self_attn.out_proj'"):
+        apply_lora(model, targets=["head"], modules_to_save=["out_proj"])
+
+
+def test_encoder_layer_without_its_fast_path_can_be_adapted() -> None:
+    model = _torch_encoder()
+    x = torch.randn(2, 5, 16)
+    was = torch.backends.mha.get_fastpath_enabled()
+    torch.backends.mha.set_fastpath_enabled(False)
+    try:
+        apply_lora(model, targets=["linear1", "linear2"])
+        perturb(model, scale=0.5)
+        with torch.no_grad():
+            y = model(x)
+            with peftkit.disable_adapters(model):
+                assert not torch.allclose(model(x), y)
+            peftkit.merge_and_unload(model)
+            torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
+    finally:
+        torch.backends.mha.set_fastpath_enabled(was)

@@ -144,7 +144,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
         raise KeyError(f"no adapter named {unknown}; the model has {list(state.methods)}")
     inner = unwrap_model(model)
     for name, method in state.methods.items():
-        if not method.active and name in wanted:
+        if method.active != (name in wanted):  # a merged update stays in the weights either way
             _check_not_merged(method)
         _check_switch(inner, method, name in wanted)
     for name, method in state.methods.items():
@@ -292,6 +292,8 @@ def load_adapter_state_dict(
     nothing is copied unless everything fits.
     """
     chosen = list(adapter_names) if adapter_names is not None else list(adapters(model))
+    for name in chosen:  # unmerge would subtract the new update, not the one merged
+        _check_not_merged(_method(model, name))
     own = adapter_state_dict(model, chosen)
     problems = [f"missing {k}" for k in sorted(own.keys() - tensors.keys())]
     problems += [f"unexpected {k}" for k in sorted(tensors.keys() - own.keys())]

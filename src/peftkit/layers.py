@@ -19,10 +19,28 @@ _GLOBAL_FORWARD_HOOKS = tuple(
 )
 
 
+_GLOBAL_BACKWARD_HOOKS = tuple(
+    getattr(torch.nn.modules.module, name, {})
+    for name in ("_global_backward_hooks", "_global_backward_pre_hooks")
+)
+
+
 def has_forward_hooks(module: nn.Module) -> bool:
     """Whether a forward or forward-pre hook (the module's own, or a process-wide one) runs around
     ``module.forward``: such a hook may keep a reference to the module's output."""
     return bool(module._forward_hooks or module._forward_pre_hooks or any(_GLOBAL_FORWARD_HOOKS))
+
+
+def has_call_hooks(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs any hook besides ``forward`` (forward, forward-pre, backward or
+    backward-pre; its own or process-wide): code that computes the module's function itself instead
+    of calling it would skip them."""
+    return bool(
+        has_forward_hooks(module)
+        or module._backward_hooks
+        or module._backward_pre_hooks
+        or any(_GLOBAL_BACKWARD_HOOKS)
+    )
 
 
 class AdapterLayer(nn.Module):

@@ -12,6 +12,7 @@ import re
 import sys
 from collections.abc import Iterable, Iterator, Sequence
 
+import torch
 from torch import nn
 
 from .config import ALL_LINEAR, TargetedConfig
@@ -152,6 +153,7 @@ def select(
     chosen = _keep_layers(chosen, config)
     if not chosen:
         raise TargetError(f"{method}: the config selects no module ({_describe(config)})")
+    check_called(model, chosen, method)
     if supported is not None:
         _check_types(chosen, supported, method)
     return chosen
@@ -169,6 +171,32 @@ def select_named(
     # A match inside another match (classifier and classifier.dense) keeps only the outer one.
     outer = [n for n, _ in chosen]
     return [(n, m) for n, m in chosen if not any(n.startswith(o + ".") for o in outer if o != n)]
+
+
+def _bypasses_children(module: nn.Module) -> str | None:
+    """Why ``module`` computes with its submodules' weights instead of calling them, or None."""
+    if isinstance(module, nn.MultiheadAttention):
+        return "nn.MultiheadAttention reads out_proj's weight instead of calling it"
+    if isinstance(module, nn.TransformerEncoderLayer) and torch.backends.mha.get_fastpath_enabled():
+        return (
+            "nn.TransformerEncoderLayer's eval-mode fast path reads its submodules' weights instead "
+            "of calling them (torch.backends.mha.set_fastpath_enabled(False) turns it off)"
+        )
+    return None
+
+
+def check_called(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: str) -> None:
+    """Refuse modules the model never calls: a wrapper there would be skipped without a word."""
+    for name, _ in chosen:
+        parts = name.split(".")
+        for depth in range(len(parts) - 1, -1, -1):
+            owner = ".".join(parts[:depth])
+            why = _bypasses_children(_unwrap(get_module(model, owner)))
+            if why:
+                raise TargetError(
+                    f"{method} cannot adapt {name!r}: {why}, so an adapter there would be skipped; "
+                    "add it to exclude or target other modules"
+                )
 
 
 def _check_each_target_matches(

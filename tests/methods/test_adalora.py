@@ -315,6 +315,32 @@ def test_a_forward_hook_on_the_base_sees_the_base_output_untouched() -> None:
     assert not torch.allclose(kept[0], adapted)
 
 
+def test_backward_hooks_on_the_base_still_run() -> None:
+    # The fast path computes the linear itself instead of calling the base: its hooks must not
+    # be skipped, whether the base's own or process-wide.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 7))
+    apply_adalora(model, targets=["0"], init_r=4, target_r=2, total_steps=10)
+    perturb(model)
+    seen: list[torch.Tensor] = []
+    handle = model[0].base.register_full_backward_hook(lambda m, gi, go: seen.append(go[0]))
+    weights = torch.randn(3, 7)
+    (model(torch.randn(3, 12, requires_grad=True)) * weights).sum().backward()
+    handle.remove()
+    assert len(seen) == 1
+    torch.testing.assert_close(seen[0], weights)
+    base = model[0].base
+    calls: list[nn.Module] = []
+    hook = nn.modules.module.register_module_full_backward_pre_hook(
+        lambda m, go: calls.append(m) if m is base else None
+    )
+    try:
+        model(torch.randn(3, 12, requires_grad=True)).sum().backward()
+    finally:
+        hook.remove()
+    assert calls == [base]
+
+
 def test_fast_path_under_cpu_autocast() -> None:
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(12, 7))

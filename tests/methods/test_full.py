@@ -258,6 +258,26 @@ def test_a_merged_layer_on_trained_weights_blocks_switching_until_unmerged() -> 
         torch.testing.assert_close(value, original[key], rtol=0, atol=0)
 
 
+def test_unloading_a_merge_into_weights_trained_with_a_kept_original_is_refused() -> None:
+    # Restoring the kept original (disable, delete, unload) would silently drop an update merged
+    # into the weight for good; a reversible merge, or unloading the full adapter first, is fine.
+    model = _model()
+    apply_full(model, modules=["q_proj"], adapter_name="full")
+    apply_lora(model, r=2, targets=["q_proj", "v_proj"], adapter_name="lora")
+    perturb(model)
+    with torch.no_grad():
+        expected = model(_ids())
+    report = peftkit.merge_and_unload(model, ["lora"])
+    assert all(
+        "q_proj" in k and "merge_and_unload that adapter" in w for k, w in report.kept.items()
+    )
+    assert len(report.kept) == 2 and all("v_proj" in name for name in report.merged)
+    report = peftkit.merge_and_unload(model)  # full first (applied first), then lora
+    assert not report.kept and not peftkit.adapters(model)
+    with torch.no_grad():
+        torch.testing.assert_close(model(_ids()), expected, rtol=1e-5, atol=1e-5)
+
+
 def test_training_weights_that_hold_a_merged_update_is_refused() -> None:
     model = _model()
     apply_lora(model, r=2, targets=["q_proj"], adapter_name="lora")

@@ -274,3 +274,38 @@ def test_lora_on_a_layer_with_its_own_forward_is_not_merged_and_says_why() -> No
     assert "ScaledEmbedding" in report.kept["default:0"]
     assert "forward()" in report.kept["default:0"]
     assert isinstance(model[1], PlainLinearSubclass)
+
+
+def test_lora_on_an_embedding_with_max_norm_is_not_merged_and_says_why() -> None:
+    # The embedding renormalises looked-up rows in place: W + Δ renormalised is not W renormalised
+    # plus Δ, and a forward after the merge would rewrite the merged rows.
+    torch.manual_seed(0)
+    model = Holder(nn.Embedding(10, 4, max_norm=1.0))
+    apply_lora(model, r=2, targets=["inner"])
+    perturb(model, scale=1.0)
+    ids = torch.tensor([[1, 2, 3], [4, 1, 5]])
+    with torch.no_grad():
+        expected = model(ids)
+        report = peftkit.merge(model)
+        assert "max_norm" in report.kept["default:inner"]
+        torch.testing.assert_close(model(ids), expected)
+
+
+def test_lora_on_an_embedding_keeps_the_padding_row() -> None:
+    torch.manual_seed(0)
+    model = Holder(nn.Embedding(10, 4, padding_idx=0))
+    apply_lora(model, r=2, targets=["inner"])
+    layer = model.inner
+    assert torch.count_nonzero(layer.lora_A[:, 0]) == 0 and torch.count_nonzero(layer.lora_A) > 0
+    ids = torch.tensor([[0, 1, 2], [3, 0, 4]])
+    optimizer = torch.optim.SGD(peftkit.trainable_parameters(model), lr=0.5)
+    for _ in range(3):
+        model(ids).square().sum().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    pad = layer.base.weight[0]
+    with torch.no_grad():
+        out = model(ids)
+        torch.testing.assert_close(out[0, 0], pad)
+        assert not torch.allclose(out[0, 1], layer.base.weight[1])
+        torch.testing.assert_close(layer.delta_weight()[0], torch.zeros(4))

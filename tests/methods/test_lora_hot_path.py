@@ -206,6 +206,36 @@ def test_a_hook_below_a_disabled_inner_adapter_sees_the_base_output_untouched() 
         assert not torch.equal(y, seen[-1])
 
 
+def test_a_hook_on_the_base_sees_the_shapes_the_model_passed() -> None:
+    # Flattening to 2-D is an internal shortcut: a hook below must see (batch, seq, features).
+    model = _lora_linear()
+    perturb(model, scale=0.5)
+    seen: list[tuple[torch.Size, torch.Size]] = []
+    model.inner.base_layer().register_forward_hook(
+        lambda m, i, o: seen.append((i[0].shape, o.shape))
+    )
+    for x in (torch.randn(2, 5, 12), torch.randn(12), torch.randn(2, 0, 12)):
+        with torch.no_grad():
+            y = model(x)
+        assert seen[-1] == (x.shape, y.shape)
+        torch.testing.assert_close(y, _reference(model.inner, x))
+
+
+def test_a_hook_on_a_base_embedding_sees_the_ids_shape() -> None:
+    model = nn.Sequential(nn.Embedding(20, 6))
+    apply_lora(model, r=2, targets=["0"])
+    perturb(model, scale=0.5)
+    seen: list[torch.Size] = []
+    model[0].base_layer().register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    ids = torch.randint(20, (3, 4))
+    with torch.no_grad():
+        y = model(ids)
+    assert seen == [torch.Size([3, 4, 6])]
+    peftkit.merge_and_unload(model)
+    with torch.no_grad():
+        torch.testing.assert_close(y, model(ids))
+
+
 def test_a_process_wide_forward_hook_sees_the_base_output_untouched() -> None:
     model = _lora_linear()
     base = model.inner.base_layer()

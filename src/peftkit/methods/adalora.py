@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, check_finite_number, check_positive_int, check_probability
-from ..layers import AdapterLayer, has_forward_hooks
+from ..layers import AdapterLayer, has_call_hooks
 from ..registry import register_method
 from ..targeting import is_conv1d
 from .base import MergeReport, SwapMethod, apply_with
@@ -180,8 +180,9 @@ class AdaLoraLayer(AdapterLayer):
 
     def _writes_into_base_output(self) -> bool:
         """Whether forward may compute the base itself and add in place: the base is a plain
-        nn.Linear and no forward hook (which could keep or change its output) is registered."""
-        return self.plain_linear and not has_forward_hooks(self.base)
+        nn.Linear and no hook is registered (a forward hook could keep or change its output; any
+        hook would be skipped, since the base is not called)."""
+        return self.plain_linear and not has_call_hooks(self.base)
 
     def delta_weight(self) -> torch.Tensor:
         live = (self.lam * self.mask).float()

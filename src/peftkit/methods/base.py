@@ -16,7 +16,14 @@ from torch import nn
 
 from ..config import MethodConfig, TargetedConfig
 from ..layers import AdapterLayer, SavedModule
-from ..targeting import is_conv1d_class, remove_wrapper, select, select_named, set_module
+from ..targeting import (
+    check_called,
+    is_conv1d_class,
+    remove_wrapper,
+    select,
+    select_named,
+    set_module,
+)
 
 
 @dataclass
@@ -75,7 +82,9 @@ class Method:
 
     def inject_saved_modules(self, model: nn.Module) -> None:
         """Wrap ``config.modules_to_save`` in trainable copies owned by this adapter."""
-        for path, module in select_named(model, self.config.modules_to_save, "modules_to_save"):
+        chosen = select_named(model, self.config.modules_to_save, "modules_to_save")
+        check_called(model, chosen, "modules_to_save")
+        for path, module in chosen:
             layer = SavedModule(module, self.adapter_name, path)
             set_module(model, path, layer)
             self.layers.append(layer)
@@ -153,8 +162,9 @@ class Method:
         """Fold mergeable layers into the base weights; with ``unload``, drop their wrappers too."""
         report = MergeReport()
         tied = _tied_parameter_ids(model)
+        kept = _kept_original_ids(model) if unload else set()
         for layer in list(self.layers):
-            reason = merge_blocker(layer, tied)
+            reason = merge_blocker(layer, tied) or _unload_blocker(layer, kept)
             if reason:
                 report.kept[f"{self.adapter_name}:{layer.path}"] = reason
                 continue
@@ -230,12 +240,19 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
         return None
     inner = layer.base
     while isinstance(inner, AdapterLayer):
+        if isinstance(inner, SavedModule):  # it computes with its trained copy, not this weight
+            return "sits outside a module trained in full (modules_to_save); it stays as a layer"
         if not inner.additive and not inner.merged:
             return f"sits outside a non-linear {type(inner).__name__}; merging would change outputs"
         inner = inner.base
     weight = getattr(inner, "weight", None)
     if weight is not None and id(weight) in tied:
         return "its base weight is tied to another module (e.g. input and output embeddings)"
+    if isinstance(inner, nn.Embedding) and inner.max_norm is not None:
+        return (
+            "its base nn.Embedding renormalises the rows it looks up (max_norm), in place: a "
+            "folded update would be renormalised too, and unmerge could not subtract it exactly"
+        )
     owner = _forward_owner(inner)
     if owner is not None:
         return (
@@ -243,6 +260,31 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
             "embedding), so the update folded into the weight would not give the same outputs"
         )
     return None
+
+
+def _kept_original_ids(model: nn.Module) -> set[int]:
+    """Base parameters an adapter trains in place while keeping their original values to restore."""
+    from ..core import adapters
+
+    return {
+        id(p)
+        for method in adapters(model).values()
+        if method.trains_base_in_place and method.restorable
+        for p in method.parameters()
+    }
+
+
+def _unload_blocker(layer: AdapterLayer, kept: set[int]) -> str | None:
+    """Why ``layer`` cannot be merged for good: restoring the kept original would drop its update."""
+    if (
+        isinstance(layer, SavedModule)
+        or id(getattr(layer.base_layer(), "weight", None)) not in kept
+    ):
+        return None
+    return (
+        "its base weight is trained in place by an adapter that keeps the original to restore it, "
+        "which would drop this update; merge_and_unload that adapter first, or merge without unload"
+    )
 
 
 def _forward_owner(module: nn.Module) -> str | None:

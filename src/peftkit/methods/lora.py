@@ -133,10 +133,13 @@ class LoraLinear(LoraLayer):
         if not self.enabled:
             out: torch.Tensor = self.base(x)
             return out
-        # The base sees x as 2-D (..., in) -> (n, in): same math for a linear layer, and its fresh
-        # 2-D output can take the update in place (see _add_scaled).
+        # When nothing below can observe it, the base sees x as 2-D (..., in) -> (n, in): same math
+        # for a linear layer, and its fresh 2-D output can take the update in place (see
+        # _add_scaled). A hook below sees x and the output in the shapes the model gave them.
         flat = x.reshape(-1, x.shape[-1])
-        y = _add_scaled(self.base(flat), F.linear(self.dropout(flat), self.lora_A), self)
+        private = self.base_output_is_private()
+        y = _base_rows(self, x, flat, private)
+        y = _add_scaled(y, F.linear(self.dropout(flat), self.lora_A), self, private)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
@@ -147,19 +150,34 @@ class LoraLinear(LoraLayer):
 class LoraEmbedding(LoraLayer):
     """y = base(ids) + s * A[:, ids]ᵀ Bᵀ;  ids: (...), y: (..., dim).  A: (r, vocab), B: (dim, r).
 
-    The adapter path has no dropout: dropping token ids is meaningless.
+    The adapter path has no dropout: dropping token ids is meaningless. As in the base, the
+    ``padding_idx`` row never changes: A's column for it starts at zero and gets no gradient.
     """
 
     def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
         assert isinstance(inner, nn.Embedding)
         return (self.r, inner.num_embeddings), (inner.embedding_dim, self.r)
 
+    def init_factors(self, init: Init) -> None:
+        super().init_factors(init)
+        pad = self.padding_idx()
+        if pad is not None:
+            with torch.no_grad():
+                self.lora_A[:, pad] = 0
+
+    def padding_idx(self) -> int | None:
+        pad = getattr(self.base_layer(), "padding_idx", None)
+        return None if pad is None else int(pad)
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             out: torch.Tensor = self.base(ids)
             return out
         flat = ids.reshape(-1)
-        y = _add_scaled(self.base(flat), F.embedding(flat, self.lora_A.t()), self)
+        private = self.base_output_is_private()  # a hook below sees ids in the model's shape
+        y = _base_rows(self, ids, flat, private)
+        h = F.embedding(flat, self.lora_A.t(), self.padding_idx())
+        y = _add_scaled(y, h, self, private)
         return y.view(*ids.shape, y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
@@ -196,18 +214,30 @@ class LoraConv2d(LoraLayer):
         return flat.view(self.lora_B.shape[0], *self.lora_A.shape[1:]) * self.scaling
 
 
-def _add_scaled(y: torch.Tensor, h: torch.Tensor, layer: LoraLayer) -> torch.Tensor:
+def _base_rows(
+    layer: LoraLayer, x: torch.Tensor, flat: torch.Tensor, private: bool
+) -> torch.Tensor:
+    """The base's output as rows (n, out): called on ``flat`` when its output is private, else on
+    ``x`` as the model passed it, so a hook below sees the shapes it would see without LoRA."""
+    if private:
+        out: torch.Tensor = layer.base(flat)
+        return out
+    y: torch.Tensor = layer.base(x)
+    return y.reshape(-1, y.shape[-1])
+
+
+def _add_scaled(y: torch.Tensor, h: torch.Tensor, layer: LoraLayer, private: bool) -> torch.Tensor:
     """y + s · h Bᵀ as one GEMM;  y: (n, out) the base's output, h: (n, r).  B A is never formed.
 
     The GEMM accumulates into y's own memory when y is a fresh tensor (not a view) of h's dtype
-    that no forward hook below could hold: then nothing else sees the wrapped layer's output and
-    its backward does not need it, so this saves allocating and copying an output-sized tensor per
-    call (the largest cost of the adapter path after the GEMMs themselves). Otherwise (transformers'
-    Conv1D returns a view; mixed dtypes; a hook that may keep the base output) an out-of-place
-    addmm computes the same.
+    that no forward hook below could hold (``private``, from ``base_output_is_private``): then
+    nothing else sees the wrapped layer's output and its backward does not need it, so this saves
+    allocating and copying an output-sized tensor per call (the largest cost of the adapter path
+    after the GEMMs themselves). Otherwise (transformers' Conv1D returns a view; mixed dtypes; a
+    hook that may keep the base output) an out-of-place addmm computes the same.
     """
     b, scale = layer.lora_B, layer.scaling
-    if y._base is None and y.dtype == h.dtype and layer.base_output_is_private():
+    if private and y._base is None and y.dtype == h.dtype:
         return y.addmm_(h, b.to(y.dtype).t(), alpha=scale)
     return torch.addmm(y, h, b.t(), alpha=scale)
 
