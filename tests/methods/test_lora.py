@@ -309,3 +309,5 @@ def test_lora_on_an_embedding_keeps_the_padding_row() -> None:
         torch.testing.assert_close(out[0, 0], pad)
         assert not torch.allclose(out[0, 1], layer.base.weight[1])
         torch.testing.assert_close(layer.delta_weight()[0], torch.zeros(4))
+    # Model code (transformers' resize_token_embeddings) reads the wrapped embedding's padding_idx.
+    assert layer.padding_idx == 0

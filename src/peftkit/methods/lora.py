@@ -160,12 +160,12 @@ class LoraEmbedding(LoraLayer):
 
     def init_factors(self, init: Init) -> None:
         super().init_factors(init)
-        pad = self.padding_idx()
+        pad = self._padding_row()
         if pad is not None:
             with torch.no_grad():
                 self.lora_A[:, pad] = 0
 
-    def padding_idx(self) -> int | None:
+    def _padding_row(self) -> int | None:
         pad = getattr(self.base_layer(), "padding_idx", None)
         return None if pad is None else int(pad)
 
@@ -176,7 +176,7 @@ class LoraEmbedding(LoraLayer):
         flat = ids.reshape(-1)
         private = self.base_output_is_private()  # a hook below sees ids in the model's shape
         y = _base_rows(self, ids, flat, private)
-        h = F.embedding(flat, self.lora_A.t(), self.padding_idx())
+        h = F.embedding(flat, self.lora_A.t(), self._padding_row())
         y = _add_scaled(y, h, self, private)
         return y.view(*ids.shape, y.shape[-1])
 
