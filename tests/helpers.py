@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from typing import Any
 
 import torch
 from torch import nn
+from torch.overrides import TorchFunctionMode
 
 import peftkit
 
@@ -38,3 +40,17 @@ def temporarily_registered(name: str, config_cls: type, method_cls: type) -> Ite
         yield
     finally:
         registry._BY_NAME.pop(name, None)
+
+
+class OutputShapes(TorchFunctionMode):
+    """Records the shape of every tensor a torch function returns (to show what is never formed)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shapes: list[tuple[int, ...]] = []
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
+        out = func(*args, **(kwargs or {}))
+        if isinstance(out, torch.Tensor):
+            self.shapes.append(tuple(out.shape))
+        return out

@@ -12,13 +12,12 @@ import pytest
 import torch
 from safetensors import safe_open
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import peftkit
 from peftkit import AdaLoraConfig, apply_adalora, rank_pattern
 from peftkit.methods.adalora import AdaLora, AdaLoraLayer, Importance, orthogonality_penalty
 
-from helpers import perturb
+from helpers import OutputShapes, perturb
 from zoo import CASES, TinyTransformer
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -215,24 +214,12 @@ def test_forward_and_delta_weight_match_the_definition_with_a_mask() -> None:
     torch.testing.assert_close(layer(x), layer.base(x) + x @ delta.t(), rtol=1e-5, atol=1e-6)
 
 
-class _Shapes(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 def test_forward_and_backward_never_form_the_full_update() -> None:
     model = nn.Sequential(nn.Linear(48, 40))
     apply_adalora(model, targets=["0"], init_r=4, target_r=4, total_steps=10)
     perturb(model)
     x = torch.randn(3, 48, requires_grad=True)
-    with _Shapes() as seen:
+    with OutputShapes() as seen:
         model(x).sum().backward()
     assert (40, 48) not in seen.shapes and (48, 40) not in seen.shapes
     assert (3, 4) in seen.shapes  # the rank-r intermediate
@@ -250,7 +237,7 @@ def test_pruned_layers_compute_with_live_triplets_only() -> None:
         expected = layer.base(x) + layer.scaling * x @ (layer.P * masked_lam @ layer.Q).t()
     layer.set_mask(torch.tensor([1.0, 0, 0, 1, 0, 1]))
     assert layer.live.tolist() == [0, 3, 5]
-    with _Shapes() as seen, torch.no_grad():
+    with OutputShapes() as seen, torch.no_grad():
         pruned = layer(x)
     assert (3, 3) in seen.shapes and (3, 6) not in seen.shapes  # the intermediate has rank 3
     torch.testing.assert_close(pruned, expected, rtol=1e-5, atol=1e-6)

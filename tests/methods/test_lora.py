@@ -8,13 +8,12 @@ from typing import Any
 import pytest
 import torch
 from torch import nn
-from torch.overrides import TorchFunctionMode
 
 import peftkit
 from peftkit import LoraConfig, apply_lora
 from peftkit.methods.lora import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
 
-from helpers import perturb
+from helpers import OutputShapes, perturb
 from zoo import CASES, TinyTransformer
 
 
@@ -180,24 +179,12 @@ def test_dropout_zero_adds_no_module_and_positive_dropout_applies_in_training() 
     assert torch.equal(some(x), some(x))
 
 
-class _Shapes(TorchFunctionMode):
-    def __init__(self) -> None:
-        super().__init__()
-        self.shapes: list[tuple[int, ...]] = []
-
-    def __torch_function__(self, func: Any, types: Any, args: Any = (), kwargs: Any = None) -> Any:
-        out = func(*args, **(kwargs or {}))
-        if isinstance(out, torch.Tensor):
-            self.shapes.append(tuple(out.shape))
-        return out
-
-
 def test_forward_and_backward_never_form_the_full_update() -> None:
     model = Holder(nn.Linear(48, 40))
     apply_lora(model, r=4, targets=["inner"])
     perturb(model)
     x = torch.randn(3, 48, requires_grad=True)
-    with _Shapes() as seen:
+    with OutputShapes() as seen:
         model(x).sum().backward()
     assert (40, 48) not in seen.shapes and (48, 40) not in seen.shapes
     assert (3, 4) in seen.shapes  # the rank-r intermediate
