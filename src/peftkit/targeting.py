@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import difflib
 import re
-import sys
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from . import _compat
 from .config import ALL_LINEAR, TargetedConfig
 from .layers import AdapterLayer, AdapterModule
 
@@ -106,13 +106,8 @@ def is_conv1d(module: nn.Module) -> bool:
 
 
 def is_conv1d_class(cls: type) -> bool:
-    # Detected from the type, imported only when transformers is already loaded: a model cannot hold
-    # a transformers Conv1D otherwise, and `import peftkit` stays free of transformers.
-    if "transformers" not in sys.modules:
-        return False
-    from transformers.pytorch_utils import Conv1D
-
-    return issubclass(cls, Conv1D)
+    conv1d = _compat.conv1d_class()  # None unless transformers is already loaded
+    return conv1d is not None and issubclass(cls, conv1d)
 
 
 def output_head(model: nn.Module) -> nn.Module | None:

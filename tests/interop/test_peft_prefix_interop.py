@@ -12,11 +12,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import peft
 import pytest
 import torch
+import transformers
 from peft import PeftModel, PrefixTuningConfig, get_peft_model
 from torch import nn
 
@@ -53,6 +57,24 @@ def assert_same_and_trained(
     assert (expected - logits(case, case.build())).abs().max() > 1e-3, "training changed nothing"
 
 
+@contextmanager
+def peft_runs_it() -> Iterator[None]:
+    """Skip (naming both versions) where peft itself cannot run prefix-tuning on the model.
+
+    peft 0.21 looks for ``past_key_values`` in the signature of the model's forward; from
+    transformers 5.24 the encoders' forward takes ``cache`` instead, so peft refuses BERT there.
+    """
+    try:
+        yield
+    except ValueError as err:
+        if "does not support past key values" not in str(err):
+            raise
+        pytest.skip(
+            f"peft {peft.__version__} cannot run prefix-tuning on this model with transformers "
+            f"{transformers.__version__} ({err})"
+        )
+
+
 def peft_from_pretrained(case: Case, path: Path) -> nn.Module:
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Tt]oken type ids.*")
@@ -82,7 +104,9 @@ def test_trained_in_peftkit_loads_in_peft_with_the_same_logits(name: str, tmp_pa
     assert config["prefix_projection"] is False  # the MLP, if any, is folded into the prefix
     loaded = peft_from_pretrained(case, tmp_path)
     exact = bool(fields.get("positions_after_prefix"))
-    assert_same_and_trained(case, logits(case, loaded), logits(case, model), exact=exact)
+    with peft_runs_it():
+        expected = logits(case, loaded)
+    assert_same_and_trained(case, expected, logits(case, model), exact=exact)
 
 
 def test_llama_export_writes_the_kv_head_layout(tmp_path: Path) -> None:
@@ -108,10 +132,15 @@ def test_trained_in_peft_imports_into_peftkit_with_the_same_logits(
         encoder_hidden_size=16,
     )
     trained = get_peft_model(case.build(), config)
-    train(case, trained)
+    with peft_runs_it():
+        train(case, trained)
     trained.save_pretrained(tmp_path)
     model = import_peft(case.build(), tmp_path)
-    assert_same_and_trained(case, logits(case, model), logits(case, trained), exact=True)
+    # Bit-identical to peft computing from the same saved prefix; peft's live MLP (projection)
+    # computes that prefix in another order, so it agrees within rounding (about 1e-7).
+    reloaded = logits(case, peft_from_pretrained(case, tmp_path))
+    assert_same_and_trained(case, logits(case, model), reloaded, exact=True)
+    assert_same_and_trained(case, logits(case, model), logits(case, trained))
     imported = peftkit.adapters(model)["default"].config
     assert isinstance(imported, PrefixConfig) and imported.positions_after_prefix
     assert imported.prefix_length == 3 and imported.mlp_hidden is None
@@ -142,7 +171,9 @@ def test_an_imported_prefix_generates_like_peft(tmp_path: Path) -> None:
     ids = case.inputs()["input_ids"][:1]
     args = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        expected = trained.generate(input_ids=ids, **args)
+        # peft without its cache: each step recomputes the whole sequence through the prefix.
+        # (peft 0.21's cached generation differs from that on transformers 5.24; peftkit's agrees.)
+        expected = trained.generate(input_ids=ids, use_cache=False, **args)
         assert torch.equal(model.generate(input_ids=ids, **args), expected)
         assert torch.equal(model.generate(input_ids=ids, use_cache=False, **args), expected)
 

@@ -9,6 +9,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from .. import _compat
 from ..losses.adversarial import EmbeddingAttack, find_input_embedding
 from . import distributed
 from .config import TrainConfig
@@ -47,15 +48,4 @@ def prepare(model: nn.Module, config: TrainConfig, device: torch.device, where: 
 
 def enable_checkpointing(model: nn.Module) -> None:
     """HF activation (gradient) checkpointing, non-reentrant: it needs no input that requires grad."""
-    kwargs = {"use_reentrant": False}
-    new = getattr(model, "activation_checkpointing_enable", None)  # transformers >= 5
-    old = getattr(model, "gradient_checkpointing_enable", None)
-    if callable(new):
-        new(activation_checkpointing_kwargs=kwargs)
-    elif callable(old):
-        old(gradient_checkpointing_kwargs=kwargs)
-    else:
-        raise ValueError(
-            "gradient_checkpointing needs an HF model (gradient_checkpointing_enable); "
-            "for other models wrap blocks in torch.utils.checkpoint"
-        )
+    _compat.enable_checkpointing(model, use_reentrant=False)

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ... import _compat
 from ...config import MethodConfig, check_finite_number, check_positive_int
 from ...registry import register_method
 from ..base import MergeReport, Method, apply_with
@@ -222,19 +223,18 @@ class Prefix(Method):
 
 def _init_from_tokens(body: nn.Module, table: PrefixTable, ids: Sequence[int]) -> None:
     """Set ``table`` to the keys/values ``body`` computes for ``ids`` (as seen by the current model)."""
-    from transformers import DynamicCache
-
     device = next(body.parameters()).device
-    cache = DynamicCache(config=getattr(body, "config", None))
+    cache = _compat.new_dynamic_cache(getattr(body, "config", None))
+    ids_tensor = torch.tensor([list(ids)], device=device)
     was_training = body.training
     body.eval()
     try:
         with torch.no_grad():
-            body(input_ids=torch.tensor([list(ids)], device=device), past_key_values=cache)
+            body(input_ids=ids_tensor, **{_compat.cache_argument(body): cache})
     finally:
         body.train(was_training)
     n = len(ids)
-    pairs = [(getattr(layer, "keys"), getattr(layer, "values")) for layer in cache.layers]  # noqa: B009
+    pairs = _compat.cached_keys_values(cache)
     if len(pairs) != table.shape.layers:
         raise UnsupportedModelError(
             f"init_token_ids: {type(body).__name__} cached {len(pairs)} of {table.shape.layers} "

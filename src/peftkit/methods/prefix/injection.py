@@ -19,25 +19,27 @@ again. Nothing here subclasses or patches a transformers class.
 from __future__ import annotations
 
 import inspect
-import re
 import sys
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
+from ... import _compat
+from ..._compat import UnsupportedModelError, check_transformers_version
 from ...layers import AdapterModule
 from .table import KVShape, PrefixTable
 
+__all__ = ["UnsupportedModelError", "check_transformers_version"]  # re-exported from _compat
+
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert")
 ENCODER_MODEL_TYPES = ("bert",)
-# [low, high) on (major, minor); tested on 4.57.6, 5.0.0 and 5.23.0
-TRANSFORMERS_RANGE = ((4, 57), (6, 0))
+# (oldest (major, minor), newest or None): the declared window, kept in _compat.
+TRANSFORMERS_RANGE = (_compat.TRANSFORMERS_MIN, None)
 ATTR = "peftkit_prefix"
 _MARK = "_peftkit_prefix"
-_BODY_ARGS = ("past_key_values", "attention_mask", "position_ids")
+_BODY_ARGS = ("attention_mask", "position_ids")  # and a KV cache, under the version's name
 
 CHECKPOINTING_ERROR = (
     "prefix-tuning feeds its prefix to attention through the KV cache, and transformers' activation "
@@ -47,13 +49,9 @@ CHECKPOINTING_ERROR = (
 )
 
 
-class UnsupportedModelError(TypeError):
-    """Prefix-tuning cannot be applied to this model (architecture or transformers version)."""
-
-
 def supported_range() -> str:
-    (lo_major, lo_minor), (hi_major, hi_minor) = TRANSFORMERS_RANGE
-    return f"transformers>={lo_major}.{lo_minor},<{hi_major}.{hi_minor}"
+    """The transformers versions prefix-tuning supports, as a pip requirement."""
+    return _compat.transformers_window()
 
 
 def supported_models() -> str:
@@ -61,16 +59,6 @@ def supported_models() -> str:
         f"decoder LMs and encoders of model_type {', '.join(SUPPORTED_MODEL_TYPES)} "
         f"with full attention, on {supported_range()}"
     )
-
-
-def check_transformers_version(version: str) -> None:
-    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
-    low, high = TRANSFORMERS_RANGE
-    if len(numbers) < 2 or not low <= (numbers[0], numbers[1]) < high:
-        raise UnsupportedModelError(
-            f"prefix-tuning needs {supported_range()} (it uses that cache interface); transformers "
-            f"{version} is installed. Install a supported version: pip install '{supported_range()}'"
-        )
 
 
 def locate(model: nn.Module) -> tuple[nn.Module, KVShape, bool]:
@@ -95,28 +83,25 @@ def locate(model: nn.Module) -> tuple[nn.Module, KVShape, bool]:
             f"prefix-tuning cannot handle {type(model).__name__} with cross-attention "
             "(add_cross_attention=True); it supports self-attention decoders and encoders"
         )
-    import transformers
-
-    check_transformers_version(transformers.__version__)
+    check_transformers_version(_compat.transformers_version(), "prefix-tuning")
     _check_full_attention(model, config)
     body: nn.Module = getattr(model, "base_model", model)
     params = inspect.signature(body.forward).parameters
     lacking = [name for name in _BODY_ARGS if name not in params]
-    if lacking:
+    if lacking or not any(name in params for name in _compat.CACHE_ARGUMENTS):
+        needs = [*_BODY_ARGS, " or ".join(_compat.CACHE_ARGUMENTS)]
         raise UnsupportedModelError(
-            f"prefix-tuning needs {type(body).__name__}.forward to take {', '.join(_BODY_ARGS)}; "
-            f"it lacks {lacking}. Supported: {supported_models()}"
+            f"prefix-tuning needs {type(body).__name__}.forward to take {', '.join(needs)}; it "
+            f"takes {list(params)} on transformers {_compat.transformers_version()}. "
+            f"Supported: {supported_models()}"
         )
     encoder = model_type in ENCODER_MODEL_TYPES and not getattr(config, "is_decoder", False)
     return body, kv_shape(config), encoder
 
 
 def _check_full_attention(model: nn.Module, config: Any) -> None:
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    kinds = sorted({type(layer).__name__ for layer in DynamicCache(config=config).layers})
-    if any(kind != DynamicLayer.__name__ for kind in kinds):
+    kinds = _compat.cache_layer_kinds(config)
+    if any(kind != _compat.full_attention_layer_name() for kind in kinds):
         raise UnsupportedModelError(
             f"prefix-tuning cannot handle {type(model).__name__}: its cache layers are {kinds}, and "
             "a sliding window would drop the prefix. It supports full-attention layers only (e.g. "
@@ -163,7 +148,8 @@ class PrefixInjector(AdapterModule):
         params = inspect.signature(body.forward).parameters.values()
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         self.arg_names = [p.name for p in params if p.kind in kinds]
-        self.checkpointing = [m for m in body.modules() if hasattr(m, "gradient_checkpointing")]
+        self.cache_arg = _compat.cache_argument(body)
+        self.checkpointing = _compat.checkpointing_modules(body)
         self.hook_ids: tuple[int, int] = (-1, -1)
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -206,15 +192,16 @@ class PrefixInjector(AdapterModule):
         self, body: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         named = self._named(args, kwargs)
-        mark = cache_mark(named.get("past_key_values"))
+        given = _compat.take_cache(named)  # under either name; passed on under the body's own
+        mark = cache_mark(given)
         active = [t for t in self.tables.values() if isinstance(t, PrefixTable) and t.active]
         if not active:
             if mark is not None:
                 raise RuntimeError(
-                    f"past_key_values holds the prefix of {[n for n, _ in mark.signature]}, but no "
-                    "prefix adapter is active; start a new cache (past_key_values=None)"
+                    f"the KV cache holds the prefix of {[n for n, _ in mark.signature]}, but no "
+                    f"prefix adapter is active; start a new cache ({self.cache_arg}=None)"
                 )
-            return None
+            return None  # the call goes on as the caller made it
         if body.training and any(m.gradient_checkpointing for m in self.checkpointing):
             raise RuntimeError(CHECKPOINTING_ERROR)
         lead = named.get("input_ids")
@@ -222,33 +209,33 @@ class PrefixInjector(AdapterModule):
         if lead is None:
             return None  # the model itself reports the missing input
         batch, seq = int(lead.shape[0]), int(lead.shape[1])
-        cache, past, prefix = self._cache(body, named.get("past_key_values"), mark, active, batch)
+        cache, past, prefix = self._cache(body, given, mark, active, batch)
         mask = named.get("attention_mask")
-        named["past_key_values"] = cache
+        named[self.cache_arg] = cache
         if named.get("position_ids") is None:
             named["position_ids"] = _positions(mask, past, seq, lead.device)
         shift = _position_shift(active, prefix)
         if shift:
             named["position_ids"] = named["position_ids"] + shift
         named["attention_mask"] = self._mask(mask, batch, prefix, past + seq, lead.device)
-        if named.get("cache_position") is not None:  # models of 4.57 / early 5.x still take it
-            named["cache_position"] = named["cache_position"] + prefix  # index into the cache
+        if named.get(_compat.CACHE_POSITION) is not None:  # models of 4.57 / early 5.x take it
+            named[_compat.CACHE_POSITION] = named[_compat.CACHE_POSITION] + prefix  # cache index
         return (), named
 
     def after_forward(
         self, body: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
     ) -> Any:
         """Drop a cache the hook created from the output when the caller asked for no cache."""
-        mark = cache_mark(kwargs.get("past_key_values"))
+        mark = cache_mark(kwargs.get(self.cache_arg))
         if mark is None or not mark.fresh:
             return None
         mark.fresh = False
         use_cache = kwargs.get("use_cache")
         if use_cache is None:
             use_cache = getattr(body.config, "use_cache", False)
-        if use_cache or not isinstance(output, Mapping) or output.get("past_key_values") is None:
+        if use_cache or _compat.output_cache(output) is None:
             return None
-        return type(output)(**{k: v for k, v in output.items() if k != "past_key_values"})
+        return _compat.without_cache(output)
 
     # -- helpers -----------------------------------------------------------------------------
     def _named(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -267,19 +254,17 @@ class PrefixInjector(AdapterModule):
         batch: int,
     ) -> tuple[Any, int, int]:
         """The cache to use (holding the prefix), the real tokens already in it, the prefix length."""
-        from transformers import DynamicCache
-
         signature = tuple((t.adapter_name, t.length) for t in active)
         if mark is not None:
             if mark.signature != signature:
                 raise RuntimeError(
-                    f"past_key_values holds the prefixes {list(mark.signature)}, but the active "
-                    f"prefix adapters are {list(signature)}; start a new cache (past_key_values=None)"
+                    f"the KV cache holds the prefixes {list(mark.signature)}, but the active prefix "
+                    f"adapters are {list(signature)}; start a new cache ({self.cache_arg}=None)"
                 )
             return cache, cache.get_seq_length() - mark.length, mark.length
         fresh = cache is None
         if fresh:
-            cache = DynamicCache(config=getattr(body, "config", None))
+            cache = _compat.new_dynamic_cache(getattr(body, "config", None))
         else:
             _check_fillable(cache)
         kv = active[0]() if len(active) == 1 else torch.cat([t() for t in active], dim=3)
@@ -339,18 +324,13 @@ def _positions(
 
 
 def _check_fillable(cache: Any) -> None:
-    from transformers import DynamicCache
-    from transformers.cache_utils import DynamicLayer
-
-    if not isinstance(cache, DynamicCache) or any(
-        type(layer) is not DynamicLayer for layer in cache.layers
-    ):
+    if not _compat.is_full_attention_dynamic(cache):
         raise UnsupportedModelError(
             f"prefix-tuning puts its prefix into a DynamicCache with full-attention layers "
             f"(generate()'s default); got {type(cache).__name__}. Use the default cache"
         )
     if cache.get_seq_length() != 0:
         raise RuntimeError(
-            f"past_key_values holds {cache.get_seq_length()} tokens computed without this prefix; "
-            "pass a cache the prefixed model returned, or start a new one (past_key_values=None)"
+            f"the KV cache holds {cache.get_seq_length()} tokens computed without this prefix; "
+            "pass a cache the prefixed model returned, or start a new one (cache=None)"
         )

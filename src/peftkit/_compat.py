@@ -1,0 +1,204 @@
+"""The one door to transformers' internals: every name peftkit relies on, found by capability.
+
+Each helper answers one question about the installed transformers (what the KV-cache argument is
+called, which cache class prefix-tuning can fill, how a cache layer holds its tensors, how
+checkpointing is switched on) by looking at what the installed version offers, never by comparing
+version numbers. Where the answer is "nothing usable", the error names the installed version and
+the missing piece. ``tests/test_compat_touchpoints.py`` checks every helper on the installed
+version, so a release that moves one of them fails there first, by name.
+
+The pieces and where they changed:
+
+- KV-cache keyword of a model's ``forward``: ``past_key_values`` up to 5.23, ``cache`` from 5.24
+  (the old name still works there through a deprecation shim that warns). peftkit reads the name
+  from the signature of the module it calls, and accepts either from its callers.
+- The cache field of model outputs: ``past_key_values`` up to 5.23, ``cache`` from 5.24.
+- ``DynamicCache(config=...)`` with per-layer objects in ``cache.layers`` (``DynamicLayer``, or a
+  sliding-window kind) holding ``keys`` / ``values``: 4.57 and later.
+- ``cache_position`` (an index into the cache) is still taken by models of 4.57 and early 5.x.
+- Activation checkpointing: ``activation_checkpointing_enable`` (5.x) or
+  ``gradient_checkpointing_enable`` (4.x); the per-module flag is ``gradient_checkpointing``.
+- GPT-2's ``Conv1D``: ``transformers.pytorch_utils.Conv1D``.
+
+Nothing here imports transformers at module import time: ``import peftkit`` stays free of it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+# The oldest transformers the suite is run against (``nox -s oldest``); pyproject declares the same.
+# No upper bound: no release is known to break peftkit, and the capability checks below fail loudly
+# (naming the version and the missing piece) if one does.
+TRANSFORMERS_MIN = (4, 57)
+# The newest release the suite has been run against, named in errors to help a bug report.
+TRANSFORMERS_TESTED = "5.24.0"
+CACHE_ARGUMENTS = ("cache", "past_key_values")  # the current name first
+CACHE_POSITION = "cache_position"
+
+
+class UnsupportedModelError(TypeError):
+    """A model, or the installed transformers, lacks what a peftkit feature needs."""
+
+
+def transformers_window() -> str:
+    """The declared window, as a pip requirement: ``transformers>=4.57``."""
+    return f"transformers>={TRANSFORMERS_MIN[0]}.{TRANSFORMERS_MIN[1]}"
+
+
+def transformers_version() -> str:
+    """The installed transformers version (importing it)."""
+    import transformers
+
+    return str(transformers.__version__)
+
+
+def check_transformers_version(version: str, feature: str = "peftkit") -> None:
+    """Raise ``UnsupportedModelError`` when ``version`` is older than the declared window."""
+    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
+    if len(numbers) < 2 or (numbers[0], numbers[1]) < TRANSFORMERS_MIN:
+        raise UnsupportedModelError(
+            f"{feature} needs {transformers_window()} (tested through {TRANSFORMERS_TESTED}); "
+            f"transformers {version} is installed. Upgrade: pip install '{transformers_window()}'"
+        )
+
+
+def _missing(piece: str, fix: str) -> UnsupportedModelError:
+    return UnsupportedModelError(
+        f"transformers {transformers_version()} lacks {piece}, which peftkit relies on (declared "
+        f"window {transformers_window()}, tested through {TRANSFORMERS_TESTED}). {fix}"
+    )
+
+
+# -- the KV-cache argument ---------------------------------------------------------------------
+def cache_argument(module: nn.Module) -> str:
+    """The keyword under which ``module.forward`` takes a KV cache: ``cache`` or ``past_key_values``."""
+    params = inspect.signature(module.forward).parameters
+    for name in CACHE_ARGUMENTS:
+        if name in params:
+            return name
+    raise UnsupportedModelError(
+        f"{type(module).__name__}.forward takes no KV cache (none of {list(CACHE_ARGUMENTS)} is "
+        f"among its arguments {list(params)}) on transformers {transformers_version()}"
+    )
+
+
+def take_cache(kwargs: dict[str, Any]) -> Any:
+    """Remove and return the cache from a call's keyword arguments, under whichever name it came.
+
+    Both names at once is an error (transformers refuses it too).
+    """
+    given = [name for name in CACHE_ARGUMENTS if kwargs.get(name) is not None]
+    if len(given) > 1:
+        raise ValueError(f"pass the KV cache once, as {CACHE_ARGUMENTS[0]}=, not as both {given}")
+    found = kwargs.pop(given[0]) if given else None
+    for name in CACHE_ARGUMENTS:
+        kwargs.pop(name, None)
+    return found
+
+
+def output_cache(output: Any) -> Any:
+    """The cache a model returned (``output.cache`` from 5.24, ``output.past_key_values`` before)."""
+    if not isinstance(output, Mapping):
+        return None
+    for name in CACHE_ARGUMENTS:
+        if output.get(name) is not None:
+            return output[name]
+    return None
+
+
+def without_cache(output: Any) -> Any:
+    """A copy of a model output with its cache field dropped (same output class)."""
+    return type(output)(**{k: v for k, v in output.items() if k not in CACHE_ARGUMENTS})
+
+
+# -- cache classes -----------------------------------------------------------------------------
+def _cache_classes() -> tuple[type, type]:
+    try:
+        from transformers import DynamicCache
+        from transformers.cache_utils import DynamicLayer
+    except ImportError as err:
+        raise _missing("transformers.DynamicCache / cache_utils.DynamicLayer", f"({err})") from None
+    return DynamicCache, DynamicLayer
+
+
+def new_dynamic_cache(config: Any) -> Any:
+    """An empty ``DynamicCache`` laid out for ``config`` (full or sliding-window layers)."""
+    dynamic_cache, _ = _cache_classes()
+    cache = dynamic_cache(config=config)
+    if not hasattr(cache, "layers"):
+        raise _missing("DynamicCache.layers (per-layer cache objects)", "")
+    return cache
+
+
+def cache_layer_kinds(config: Any) -> list[str]:
+    """The class names of the cache layers ``config``'s model gets, sorted and deduplicated."""
+    return sorted({type(layer).__name__ for layer in new_dynamic_cache(config).layers})
+
+
+def full_attention_layer_name() -> str:
+    """The class name of a plain, full-attention dynamic cache layer (``DynamicLayer``)."""
+    return _cache_classes()[1].__name__
+
+
+def is_full_attention_dynamic(cache: Any) -> bool:
+    """True for a ``DynamicCache`` whose every layer is a plain ``DynamicLayer`` (no window)."""
+    dynamic_cache, dynamic_layer = _cache_classes()
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, dynamic_cache) or layers is None:
+        return False
+    return all(type(layer) is dynamic_layer for layer in layers)
+
+
+def cached_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Every filled layer's (keys, values), each (batch, heads, tokens, head_dim)."""
+    pairs = []
+    for layer in getattr(cache, "layers", ()):
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
+            pairs.append((keys, values))
+    return pairs
+
+
+# -- activation checkpointing ------------------------------------------------------------------
+def checkpointing_modules(module: nn.Module) -> list[nn.Module]:
+    """The submodules that carry transformers' per-module ``gradient_checkpointing`` flag."""
+    return [m for m in module.modules() if hasattr(m, "gradient_checkpointing")]
+
+
+def enable_checkpointing(model: nn.Module, **kwargs: Any) -> None:
+    """Switch HF activation checkpointing on with ``kwargs`` (e.g. ``use_reentrant=False``)."""
+    new: Callable[..., Any] | None = getattr(model, "activation_checkpointing_enable", None)
+    old: Callable[..., Any] | None = getattr(model, "gradient_checkpointing_enable", None)
+    if callable(new):  # transformers 5.x
+        new(activation_checkpointing_kwargs=kwargs)
+    elif callable(old):  # transformers 4.x
+        old(gradient_checkpointing_kwargs=kwargs)
+    else:
+        raise ValueError(
+            "gradient_checkpointing needs an HF model (activation_checkpointing_enable or "
+            "gradient_checkpointing_enable); for other models wrap blocks in torch.utils.checkpoint"
+        )
+
+
+# -- layer classes -----------------------------------------------------------------------------
+def conv1d_class() -> type | None:
+    """transformers' GPT-2 style ``Conv1D`` when transformers is already imported, else None.
+
+    A model cannot hold a transformers Conv1D unless transformers is loaded, so peftkit never
+    imports it just to ask.
+    """
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError as err:
+        raise _missing("transformers.pytorch_utils.Conv1D", f"({err})") from None
+    return Conv1D
