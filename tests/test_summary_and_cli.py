@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import importlib.metadata
 import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 import peftkit
-from peftkit import apply_lora
+from peftkit import apply_lora, demo
 from peftkit.cli import main
 
 from zoo import CASES, TinyTransformer
@@ -49,16 +51,58 @@ def test_demo_prints_a_row_per_method_with_passing_checks(
     assert main(["demo", "--steps", "3"]) == 0
     out = capsys.readouterr().out
     for name in peftkit.methods():
-        assert re.search(rf"^\| {re.escape(name)}\s", out, re.M), out
-    assert "MISMATCH" not in out
+        assert re.search(rf"^\| {re.escape(name)}\s.*\| ok\s+\|$", out, re.M), out
+    assert "MISMATCH" not in out and "failed" not in out
     assert "| method" in out and "save/load" in out
 
 
-def test_python_dash_m_entry_point() -> None:
-    done = subprocess.run(
-        [sys.executable, "-m", "peftkit", "--help"], capture_output=True, text=True, check=True
+def test_demo_reports_a_failing_method_in_its_row_runs_the_rest_and_exits_non_zero(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = demo.run_method
+
+    def flaky(name: str, *args: Any) -> demo.DemoRow:
+        if name == "adapter":
+            raise RuntimeError("no attention\nhere")
+        return real(name, *args)
+
+    monkeypatch.setattr(demo, "run_method", flaky)
+    assert main(["demo", "--steps", "2"]) == 1
+    out = capsys.readouterr().out
+    assert re.search(r"^\| adapter .*\| failed: RuntimeError: no attention here \|$", out, re.M)
+    others = [name for name in peftkit.methods() if name != "adapter"]
+    for name in others:
+        assert re.search(rf"^\| {re.escape(name)}\s.*\| ok\s+\|$", out, re.M), out
+    assert out.rstrip().endswith("failed: adapter")
+
+
+def test_a_demo_row_whose_outputs_are_not_reproduced_is_not_ok() -> None:
+    row = demo.DemoRow(method="m", merge_diff=None, reload_diff=1.0)
+    assert not row.ok and "failed: outputs not reproduced" in demo.format_table([row])
+    assert demo.DemoRow(method="m", reload_diff=0.0).ok
+
+
+def _python_m(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "peftkit", *args], capture_output=True, text=True, check=False
     )
-    assert "demo" in done.stdout
+
+
+def test_python_dash_m_entry_point() -> None:
+    done = _python_m("--help")
+    assert done.returncode == 0 and "demo" in done.stdout
+
+
+def test_python_dash_m_without_a_command_prints_help_and_exits_0() -> None:
+    done = _python_m()
+    assert done.returncode == 0, done.stderr
+    assert "usage: peftkit" in done.stdout and "demo" in done.stdout
+
+
+def test_version_flag_prints_the_package_version() -> None:
+    done = _python_m("--version")
+    assert done.returncode == 0 and done.stdout.strip() == f"peftkit {peftkit.__version__}"
+    assert peftkit.__version__ == importlib.metadata.version("peftkit")
 
 
 def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one() -> None:

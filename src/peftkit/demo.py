@@ -28,6 +28,7 @@ from .training.config import TrainConfig
 
 VOCAB = 128
 TASK_TOKENS = 16
+TOLERANCE = 1e-4  # max |Δ| of logits after merge or save/load that still counts as reproduced
 
 
 def default_model(seed: int = 0) -> nn.Module:
@@ -76,14 +77,23 @@ def task_batches(batch: int, length: int, seed: int) -> Iterator[torch.Tensor]:
 
 @dataclass
 class DemoRow:
+    """One method's result; a method that raised has only ``error`` (its other fields unset)."""
+
     method: str
-    trainable: int
-    percent: float
-    loss_start: float
-    loss_end: float
-    step_ms: float
-    merge_diff: float | None
-    reload_diff: float
+    trainable: int = 0
+    percent: float = 0.0
+    loss_start: float = float("nan")
+    loss_end: float = float("nan")
+    step_ms: float = float("nan")
+    merge_diff: float | None = None
+    reload_diff: float = float("nan")
+    error: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Ran, and merging and save/load reproduced the trained outputs."""
+        diffs = [self.reload_diff] + ([] if self.merge_diff is None else [self.merge_diff])
+        return self.error is None and all(d <= TOLERANCE for d in diffs)
 
 
 def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
@@ -139,6 +149,12 @@ def run_method(name: str, make_model: Callable[[], nn.Module], steps: int, lr: f
     )
 
 
+def failed_row(name: str, err: Exception) -> DemoRow:
+    """The row of a method that raised: its reason on one line, long messages shortened."""
+    reason = " ".join(f"{type(err).__name__}: {err}".split())
+    return DemoRow(method=name, error=reason if len(reason) <= 200 else reason[:197] + "...")
+
+
 def format_table(rows: list[DemoRow]) -> str:
     header = (
         "method",
@@ -148,9 +164,13 @@ def format_table(rows: list[DemoRow]) -> str:
         "step ms",
         "merge",
         "save/load",
+        "result",
     )
     body = []
     for r in rows:
+        if r.error is not None:
+            body.append((r.method, "–", "–", "–", "–", "–", "–", f"failed: {r.error}"))
+            continue
         merge = "n/a (not mergeable)" if r.merge_diff is None else _check(r.merge_diff)
         body.append(
             (
@@ -161,16 +181,25 @@ def format_table(rows: list[DemoRow]) -> str:
                 f"{r.step_ms:.1f}",
                 merge,
                 _check(r.reload_diff),
+                "ok" if r.ok else "failed: outputs not reproduced",
             )
         )
     return markdown_table(header, body)
 
 
-def _check(diff: float, tol: float = 1e-4) -> str:
-    return f"{'ok' if diff <= tol else 'MISMATCH'} (max |Δ| {diff:.1e})"
+def _check(diff: float) -> str:
+    return f"{'ok' if diff <= TOLERANCE else 'MISMATCH'} (max |Δ| {diff:.1e})"
+
+
+def _run_or_fail(name: str, make_model: Callable[[], nn.Module], steps: int, lr: float) -> DemoRow:
+    try:
+        return run_method(name, make_model, steps, lr)
+    except Exception as err:  # one method's failure is its row's result; the others still run
+        return failed_row(name, err)
 
 
 def run_demo(model_dir: str | None = None, steps: int = 40, lr: float = 1e-2) -> list[DemoRow]:
+    """Run every registered method in turn and print the table; returns the rows (see ``ok``)."""
     make_model = local_model(model_dir) if model_dir else default_model
     template = make_model()
     n_params = sum(p.numel() for p in template.parameters())
@@ -181,6 +210,9 @@ def run_demo(model_dir: str | None = None, steps: int = 40, lr: float = 1e-2) ->
     print(
         f"task: next token = fixed permutation of the current one; {steps} steps of AdamW lr={lr}\n"
     )
-    rows = [run_method(name, lambda: copy.deepcopy(template), steps, lr) for name in methods()]
+    rows = [_run_or_fail(name, lambda: copy.deepcopy(template), steps, lr) for name in methods()]
     print(format_table(rows))
+    failed = [r.method for r in rows if not r.ok]
+    if failed:
+        print(f"\nfailed: {', '.join(failed)}")
     return rows
