@@ -1,4 +1,5 @@
-"""Developer sessions: `nox -s tests lint typecheck` (and `slow`, `bench`, `docs`)."""
+"""Developer sessions: `nox -s tests lint typecheck` (and `slow`, `oldest`, `latest`, `sdist`, `bench`,
+`docs`)."""
 
 from __future__ import annotations
 
@@ -30,6 +31,75 @@ def slow(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+# The packages whose lowest declared version `oldest` installs: the runtime dependencies, and the
+# libraries the suite checks interoperability against. Test tools (pytest, mkdocs...) float.
+OLDEST_EXTRAS = ("peft", "accelerate")
+
+
+@nox.session
+def oldest(session: nox.Session) -> None:
+    """The suite on the lowest versions pyproject declares (torch, transformers, safetensors, numpy,
+    tqdm, peft, accelerate), pinned through a constraints file written from pyproject itself."""
+    pins = _lower_bounds()
+    constraints = Path(session.create_tmp()) / "oldest-constraints.txt"
+    constraints.write_text("\n".join(pins) + "\n")
+    session.log("pinned: " + ", ".join(pins))
+    session.install("-c", str(constraints), "-e", ".[test]")
+    _report_versions(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def latest(session: nox.Session) -> None:
+    """The suite on the newest releases pip resolves within the declared bounds (torch included)."""
+    session.install("--upgrade", "--upgrade-strategy", "eager", "-e", ".[test]")
+    _report_versions(session)
+    session.run("pytest", *session.posargs)
+
+
+@nox.session
+def sdist(session: nox.Session) -> None:
+    """Build the sdist, unpack it elsewhere and run its test suite from there."""
+    import tarfile
+
+    session.install("build>=1.0")
+    tmp = Path(session.create_tmp()).resolve()
+    session.run("python", "-m", "build", "--sdist", "--outdir", str(tmp / "dist"))
+    (archive,) = sorted((tmp / "dist").glob("peftkit-*.tar.gz"))[-1:]
+    with tarfile.open(archive) as tar:
+        tar.extractall(tmp / "unpacked", filter="data")
+    (root,) = (tmp / "unpacked").iterdir()
+    session.install(TORCH)
+    session.install("-e", f"{root}[test]")
+    session.chdir(root)
+    session.run("pytest", *session.posargs)
+
+
+def _lower_bounds() -> list[str]:
+    """``name==X`` for every ``name>=X`` among the runtime dependencies and OLDEST_EXTRAS."""
+    import re
+    import tomllib
+
+    project = tomllib.loads(Path("pyproject.toml").read_text())["project"]
+    wanted = list(project["dependencies"])
+    for requirement in project["optional-dependencies"]["test"]:
+        if re.match(rf"({'|'.join(OLDEST_EXTRAS)})\b", requirement):
+            wanted.append(requirement)
+    pins = []
+    for requirement in wanted:
+        found = re.match(r"([A-Za-z0-9_.-]+)\s*>=\s*([^,;\s]+)", requirement)
+        if found is None:
+            raise ValueError(f"{requirement!r} has no lower bound for `oldest` to install")
+        pins.append(f"{found.group(1)}=={found.group(2)}")
+    return pins
+
+
+def _report_versions(session: nox.Session) -> None:
+    names = ["torch", "transformers", "safetensors", "peft", "accelerate", "numpy", "tqdm"]
+    code = "import importlib.metadata as m; print(', '.join(n + ' ' + m.version(n) for n in {names!r}))"
+    session.run("python", "-c", code.format(names=names))
 
 
 @nox.session

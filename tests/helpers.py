@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -54,3 +55,14 @@ class OutputShapes(TorchFunctionMode):
         if isinstance(out, torch.Tensor):
             self.shapes.append(tuple(out.shape))
         return out
+
+
+def pyproject() -> dict[str, Any]:
+    """The ``[project]`` table of pyproject.toml (tomllib from Python 3.11, tomli before)."""
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    root = Path(__file__).resolve().parents[1]
+    project: dict[str, Any] = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    return project

@@ -37,7 +37,7 @@ from torch import nn
 # The oldest transformers the suite is run against (``nox -s oldest``); pyproject declares the same.
 # No upper bound: no release is known to break peftkit, and the capability checks below fail loudly
 # (naming the version and the missing piece) if one does.
-TRANSFORMERS_MIN = (4, 57)
+TRANSFORMERS_MIN = (4, 57, 1)  # 4.57.0 was yanked
 # The newest release the suite has been run against, named in errors to help a bug report.
 TRANSFORMERS_TESTED = "5.24.0"
 CACHE_ARGUMENTS = ("cache", "past_key_values")  # the current name first
@@ -49,8 +49,8 @@ class UnsupportedModelError(TypeError):
 
 
 def transformers_window() -> str:
-    """The declared window, as a pip requirement: ``transformers>=4.57``."""
-    return f"transformers>={TRANSFORMERS_MIN[0]}.{TRANSFORMERS_MIN[1]}"
+    """The declared window, as a pip requirement: ``transformers>=4.57.1``."""
+    return "transformers>=" + ".".join(str(n) for n in TRANSFORMERS_MIN)
 
 
 def transformers_version() -> str:
@@ -62,8 +62,8 @@ def transformers_version() -> str:
 
 def check_transformers_version(version: str, feature: str = "peftkit") -> None:
     """Raise ``UnsupportedModelError`` when ``version`` is older than the declared window."""
-    numbers = [int(n) for n in re.findall(r"\d+", version)[:2]]
-    if len(numbers) < 2 or (numbers[0], numbers[1]) < TRANSFORMERS_MIN:
+    numbers = [int(n) for n in re.findall(r"\d+", version.split("+")[0])[:3]]
+    if len(numbers) < 2 or tuple(numbers + [0] * (3 - len(numbers))) < TRANSFORMERS_MIN:
         raise UnsupportedModelError(
             f"{feature} needs {transformers_window()} (tested through {TRANSFORMERS_TESTED}); "
             f"transformers {version} is installed. Upgrade: pip install '{transformers_window()}'"

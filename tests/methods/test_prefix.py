@@ -398,7 +398,7 @@ def test_unsupported_attention_is_a_clear_error(
 def test_transformers_older_than_the_declared_window_is_refused(
     version: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    with pytest.raises(UnsupportedModelError, match=r"transformers>=4\.57 \(tested through"):
+    with pytest.raises(UnsupportedModelError, match=r"transformers>=4\.57\.1 \(tested through"):
         check_transformers_version(version)
     model = _build("gpt2")
     # transformers' lazy module may replace its sys.modules entry on first use: patch the live one

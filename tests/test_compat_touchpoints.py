@@ -1,0 +1,166 @@
+"""Every touch point between peftkit and transformers' internals (src/peftkit/_compat.py), checked on
+the installed transformers. A failure here names the version and the piece that moved, before any
+feature test fails for a reason that is harder to read."""
+
+from __future__ import annotations
+
+import inspect
+import tomllib
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import peftkit
+from peftkit import _compat
+from peftkit._compat import UnsupportedModelError
+
+from zoo import CASES
+
+transformers = pytest.importorskip("transformers")
+VERSION = transformers.__version__
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _where(piece: str) -> str:
+    return f"transformers {VERSION}: {piece} (see src/peftkit/_compat.py)"
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_the_cache_argument_is_found_in_the_signature(kind: str) -> None:
+    body = CASES[kind].build().base_model
+    name = _compat.cache_argument(body)
+    assert name in inspect.signature(body.forward).parameters, _where(f"{name} not taken")
+    # From 5.24 the argument is `cache`; the old name only survives through a warning shim.
+    if hasattr(transformers.utils.generic, "_rename_kwargs_for_bc"):
+        assert name == "cache", _where("the renamed cache argument")
+
+
+def test_a_module_without_a_cache_argument_is_refused_naming_the_version() -> None:
+    with pytest.raises(UnsupportedModelError, match=rf"takes no KV cache .* transformers {VERSION}"):
+        _compat.cache_argument(nn.Linear(2, 2))
+
+
+def test_take_cache_accepts_either_name_and_refuses_both() -> None:
+    for name in _compat.CACHE_ARGUMENTS:
+        kwargs = {name: "c", "input_ids": 1}
+        assert _compat.take_cache(kwargs) == "c" and kwargs == {"input_ids": 1}
+    with pytest.raises(ValueError, match="pass the KV cache once"):
+        _compat.take_cache({"cache": 1, "past_key_values": 2})
+    assert _compat.take_cache({"past_key_values": None}) is None
+
+
+def test_the_returned_cache_is_found_and_can_be_dropped() -> None:
+    model = CASES["llama"].build()
+    ids = torch.randint(1, 20, (1, 4))
+    with torch.no_grad():
+        out = model(input_ids=ids, use_cache=True)
+    cache = _compat.output_cache(out)
+    assert cache is not None and cache.get_seq_length() == 4, _where("the output's cache field")
+    dropped = _compat.without_cache(out)
+    assert type(dropped) is type(out) and _compat.output_cache(dropped) is None
+    torch.testing.assert_close(dropped.logits, out.logits)
+    assert _compat.output_cache(torch.zeros(1)) is None
+
+
+def test_a_dynamic_cache_has_per_layer_keys_and_values() -> None:
+    model = CASES["llama"].build()
+    body = model.base_model
+    cache = _compat.new_dynamic_cache(model.config)
+    with torch.no_grad():
+        body(input_ids=torch.randint(1, 20, (2, 5)), **{_compat.cache_argument(body): cache})
+    pairs = _compat.cached_keys_values(cache)
+    shape = (2, model.config.num_key_value_heads, 5, model.config.head_dim)
+    assert len(pairs) == model.config.num_hidden_layers, _where("DynamicCache.layers")
+    assert all(k.shape == shape and v.shape == shape for k, v in pairs), _where("layer.keys")
+    assert _compat.is_full_attention_dynamic(cache), _where("DynamicLayer as the layer class")
+
+
+def test_cache_layer_kinds_tell_full_from_sliding_window_attention() -> None:
+    full = _compat.full_attention_layer_name()
+    assert _compat.cache_layer_kinds(CASES["llama"].build().config) == [full]
+    windowed = transformers.MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        sliding_window=4,
+    )
+    assert _compat.cache_layer_kinds(windowed) != [full], _where("sliding-window cache layers")
+
+
+def test_a_static_cache_is_not_a_fillable_dynamic_cache() -> None:
+    config = CASES["llama"].build().config
+    static = transformers.StaticCache(config=config, max_cache_len=8)
+    assert not _compat.is_full_attention_dynamic(static)
+    assert not _compat.is_full_attention_dynamic(object())
+
+
+def test_a_missing_cache_class_is_named_with_the_version(monkeypatch: pytest.MonkeyPatch) -> None:
+    import transformers.cache_utils as cache_utils
+
+    monkeypatch.delattr(cache_utils, "DynamicLayer")
+    with pytest.raises(UnsupportedModelError, match=rf"transformers {VERSION} lacks .*DynamicLayer"):
+        _compat.new_dynamic_cache(None)
+
+
+def test_checkpointing_is_switched_on_through_whichever_name_exists() -> None:
+    model = CASES["llama"].build()
+    flagged = _compat.checkpointing_modules(model)
+    assert flagged, _where("the per-module gradient_checkpointing flag")
+    _compat.enable_checkpointing(model, use_reentrant=False)
+    assert any(m.gradient_checkpointing for m in flagged), _where("checkpointing enable method")
+    with pytest.raises(ValueError, match="needs an HF model"):
+        _compat.enable_checkpointing(nn.Linear(2, 2))
+
+
+def test_gpt2_conv1d_is_recognised() -> None:
+    model = CASES["gpt2"].build()
+    conv1d = _compat.conv1d_class()
+    assert conv1d is not None, _where("transformers.pytorch_utils.Conv1D")
+    assert isinstance(model.transformer.h[0].attn.c_attn, conv1d)
+
+
+@pytest.mark.parametrize("version", ["4.56.2", "4.57.0", "4.0", "dev"])
+def test_a_version_older_than_the_window_is_refused_stating_both(version: str) -> None:
+    with pytest.raises(UnsupportedModelError) as raised:
+        _compat.check_transformers_version(version, "prefix-tuning")
+    message = str(raised.value)
+    assert f"transformers {version} is installed" in message
+    assert _compat.transformers_window() in message and _compat.TRANSFORMERS_TESTED in message
+
+
+def test_the_installed_version_is_inside_the_window() -> None:
+    _compat.check_transformers_version(VERSION)
+
+
+def test_pyproject_declares_the_window_compat_enforces() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    (declared,) = [r for r in project["dependencies"] if r.startswith("transformers")]
+    assert declared == _compat.transformers_window()
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
+def test_peftkits_own_calls_raise_no_future_warning(kind: str) -> None:
+    """Training a prefix and generating with it through the cache, with FutureWarning as an error."""
+    case = CASES[kind]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)
+        model = case.build()
+        peftkit.apply_prefix(model, prefix_length=2, init_token_ids=[3, 4])
+        case.loss(model).backward()
+        if kind != "bert":
+            model.eval()
+            ids = torch.randint(1, 20, (1, 3))
+            with torch.no_grad():
+                model.generate(input_ids=ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+                first = model(input_ids=ids, use_cache=True)
+                model(input_ids=ids[:, -1:], **_cache_kwargs(model, first))
+
+
+def _cache_kwargs(model: nn.Module, output: object) -> dict[str, object]:
+    return {_compat.cache_argument(model): _compat.output_cache(output)}
