@@ -80,6 +80,7 @@ def sdist(session: nox.Session) -> None:
 def _lower_bounds() -> list[str]:
     """``name==X`` for every ``name>=X`` among the runtime dependencies and OLDEST_EXTRAS."""
     import re
+
     import tomllib
 
     project = tomllib.loads(Path("pyproject.toml").read_text())["project"]

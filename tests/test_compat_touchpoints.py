@@ -5,9 +5,7 @@ feature test fails for a reason that is harder to read."""
 from __future__ import annotations
 
 import inspect
-import tomllib
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +15,11 @@ import peftkit
 from peftkit import _compat
 from peftkit._compat import UnsupportedModelError
 
+from helpers import pyproject
 from zoo import CASES
 
 transformers = pytest.importorskip("transformers")
 VERSION = transformers.__version__
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def _where(piece: str) -> str:
@@ -39,7 +37,9 @@ def test_the_cache_argument_is_found_in_the_signature(kind: str) -> None:
 
 
 def test_a_module_without_a_cache_argument_is_refused_naming_the_version() -> None:
-    with pytest.raises(UnsupportedModelError, match=rf"takes no KV cache .* transformers {VERSION}"):
+    with pytest.raises(
+        UnsupportedModelError, match=rf"takes no KV cache .* transformers {VERSION}"
+    ):
         _compat.cache_argument(nn.Linear(2, 2))
 
 
@@ -104,7 +104,9 @@ def test_a_missing_cache_class_is_named_with_the_version(monkeypatch: pytest.Mon
     import transformers.cache_utils as cache_utils
 
     monkeypatch.delattr(cache_utils, "DynamicLayer")
-    with pytest.raises(UnsupportedModelError, match=rf"transformers {VERSION} lacks .*DynamicLayer"):
+    with pytest.raises(
+        UnsupportedModelError, match=rf"transformers {VERSION} lacks .*DynamicLayer"
+    ):
         _compat.new_dynamic_cache(None)
 
 
@@ -139,8 +141,7 @@ def test_the_installed_version_is_inside_the_window() -> None:
 
 
 def test_pyproject_declares_the_window_compat_enforces() -> None:
-    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    (declared,) = [r for r in project["dependencies"] if r.startswith("transformers")]
+    (declared,) = [r for r in pyproject()["dependencies"] if r.startswith("transformers")]
     assert declared == _compat.transformers_window()
 
 
