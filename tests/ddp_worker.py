@@ -47,6 +47,10 @@ def run(out: Path, batch_size: int, grad_accum: int = 1) -> Trainer:
     return trainer
 
 
+# FSDP2 records stream events even on CPU; torch.cpu.Stream gained record_event after torch 2.6.
+FSDP2_ON_CPU = hasattr(torch, "cpu") and hasattr(getattr(torch.cpu, "Stream", None), "record_event")
+
+
 def fsdp2_batches(rank: int, world: int) -> list[torch.Tensor]:
     """Each step's batch of 8 sequences, split evenly over the processes."""
     data = torch.stack(lm_data(24, seed=7))
@@ -85,4 +89,5 @@ def fsdp2_loop(out: Path) -> None:
 if __name__ == "__main__":
     torch.set_num_threads(1)
     run(Path(sys.argv[1]), batch_size=int(sys.argv[2]), grad_accum=int(sys.argv[3]))
-    fsdp2_loop(Path(sys.argv[1]))  # reuses the process group the Trainer started
+    if FSDP2_ON_CPU:
+        fsdp2_loop(Path(sys.argv[1]))  # reuses the process group the Trainer started

@@ -171,11 +171,22 @@ def test_an_imported_prefix_generates_like_peft(tmp_path: Path) -> None:
     ids = case.inputs()["input_ids"][:1]
     args = {"max_new_tokens": 6, "do_sample": False, "pad_token_id": 0}
     with torch.no_grad():
-        # peft without its cache: each step recomputes the whole sequence through the prefix.
-        # (peft 0.21's cached generation differs from that on transformers 5.24; peftkit's agrees.)
-        expected = trained.generate(input_ids=ids, use_cache=False, **args)
+        expected = greedy_by_full_forward(trained, ids, steps=6)
         assert torch.equal(model.generate(input_ids=ids, **args), expected)
         assert torch.equal(model.generate(input_ids=ids, use_cache=False, **args), expected)
+
+
+def greedy_by_full_forward(model: nn.Module, ids: torch.Tensor, steps: int) -> torch.Tensor:
+    """Greedy decoding by running the whole sequence through ``model`` at every step.
+
+    The reference is peft's forward, not its ``generate``: peft 0.21's cached generation ignores
+    the prefix on transformers 5.24 (it passes ``past_key_values``, transformers keeps ``cache``),
+    and its uncached generation breaks on 4.57 (a mask of the wrong length).
+    """
+    for _ in range(steps):
+        following = model(input_ids=ids).logits[:, -1].argmax(-1, keepdim=True)
+        ids = torch.cat([ids, following], dim=1)
+    return ids
 
 
 # -- what cannot be converted ------------------------------------------------------------------

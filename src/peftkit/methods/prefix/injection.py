@@ -35,7 +35,7 @@ __all__ = ["UnsupportedModelError", "check_transformers_version"]  # re-exported
 
 SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert")
 ENCODER_MODEL_TYPES = ("bert",)
-# (oldest (major, minor), newest or None): the declared window, kept in _compat.
+# (oldest (major, minor, patch), newest or None): the declared window, kept in _compat.
 TRANSFORMERS_RANGE = (_compat.TRANSFORMERS_MIN, None)
 ATTR = "peftkit_prefix"
 _MARK = "_peftkit_prefix"
