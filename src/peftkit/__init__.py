@@ -4,7 +4,7 @@ from peftkit import apply_lora, save_adapter, merge_and_unload
 apply_lora(model, r=8, targets=["q_proj", "v_proj"])   # in place; base frozen
 Trainer(model, TrainConfig(epochs=3, lr=1e-3)).fit(train_dataset, eval_dataset)
 save_adapter(model, "out/")
-merge_and_unload(model)                                  # plain model, no adapter overhead
+model = merge_and_unload(model)                          # plain model, no adapter overhead
 """
 
 from . import losses, metrics
