@@ -1,5 +1,5 @@
 """What an HF peft user writes by habit works: ``m = merge_and_unload(m)`` then ``m.generate``,
-and ``m = unload(m)``."""
+``m = unload(m)``, and ``print_trainable_parameters(model)``'s one line."""
 
 from __future__ import annotations
 
@@ -86,3 +86,22 @@ def test_unload_returns_the_base_model_with_its_weights() -> None:
     after = snapshot(model)
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
+
+
+def test_print_trainable_parameters_prints_peft_s_line(capsys: pytest.CaptureFixture[str]) -> None:
+    torch.manual_seed(0)
+    model = CASES["gpt2"].build()  # wte and lm_head share one weight: counted once
+    apply_lora(model, r=4, targets=["c_attn"])
+    summary = peftkit.trainable_summary(model)
+    peftkit.print_trainable_parameters(model)
+    line = capsys.readouterr().out
+    lora = 2 * 4 * (32 + 96)  # two layers of A (r, in) + B (out, r); c_attn: 32 -> 96
+    assert summary.trainable == lora
+    assert line == (
+        f"trainable params: {lora:,} || all params: {summary.total:,} || "
+        f"trainable%: {100 * lora / summary.total:.4f}\n"
+    )
+    every = [p.numel() for _, p in model.named_parameters(remove_duplicate=False)]
+    tied = model.transformer.wte.weight.numel()
+    assert model.lm_head.weight is model.transformer.wte.weight
+    assert summary.total == sum(every) - tied
