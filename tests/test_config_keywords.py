@@ -8,6 +8,7 @@ import copy
 import dataclasses
 import re
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -30,6 +31,7 @@ from peftkit.registry import methods, spec
 from helpers import snapshot
 from zoo import TinyTransformer
 
+DOCS = Path(__file__).resolve().parents[1] / "docs"
 RANKS = "LoRA's rank is r=; AdaLoRA's are init_r= (at the start) and target_r= (average at the end)"
 
 MESSAGES: list[tuple[type[MethodConfig], dict[str, Any], str]] = [
@@ -235,3 +237,37 @@ def test_the_table_lists_peft_s_own_names() -> None:
         for f in dataclasses.fields(cls)
     }
     assert set(PEFT_NAMES) - names == {"rank"}  # the one alias that is not a peft field
+
+
+def test_the_coming_from_peft_page_covers_every_table_entry() -> None:
+    page = (DOCS / "coming-from-peft.md").read_text()
+    missing = [key for key in PEFT_NAMES if f"`{key}" not in page]
+    assert not missing, f"docs/coming-from-peft.md does not mention {missing}"
+
+
+def test_the_defaults_the_coming_from_peft_page_compares_are_the_code_s() -> None:
+    lora, ada, prefix = LoraConfig(), AdaLoraConfig(total_steps=10), PrefixConfig()
+    assert (lora.targets, lora.alpha, lora.r, lora.dropout, lora.init) == (
+        "all-linear",
+        16.0,
+        8,
+        0.0,
+        "kaiming",
+    )
+    assert (ada.alpha, ada.delta_t, ada.orth_reg_weight, ada.init_r, ada.target_r) == (
+        16.0,
+        10,
+        0.1,
+        12,
+        8,
+    )
+    assert (prefix.prefix_length, prefix.positions_after_prefix) == (16, False)
+    peft = pytest.importorskip("peft")
+    theirs = {f.name: f.default for f in dataclasses.fields(peft.LoraConfig)}
+    assert (theirs["target_modules"], theirs["lora_alpha"], theirs["r"]) == (None, 8, 8)
+    assert (theirs["lora_dropout"], theirs["init_lora_weights"]) == (0.0, True)
+    ada_theirs = {f.name: f.default for f in dataclasses.fields(peft.AdaLoraConfig)}
+    assert (ada_theirs["deltaT"], ada_theirs["orth_reg_weight"]) == (1, 0.5)
+    assert {f.name: f.default for f in dataclasses.fields(peft.PrefixTuningConfig)}[
+        "num_virtual_tokens"
+    ] is None
