@@ -82,7 +82,7 @@ def _peftkit(method: str) -> Callable[[nn.Module, int], Prepared]:
             # What a user deploys: a prefix's MLP folded away, then every mergeable layer merged.
             twin = copy.deepcopy(model)
             folded = peftkit.fold_prefix(twin)
-            report = peftkit.merge_and_unload(twin)
+            twin, report = peftkit.merge_and_unload(twin, report=True)
             if not report.kept:
                 return twin, "fully merged"
             if not report.merged and not folded:

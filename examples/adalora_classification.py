@@ -115,7 +115,7 @@ def check_save_load_merge(
     print(f"saved ({size / 1e3:.0f} kB) and reloaded at the pruned ranks: identical outputs")
 
     # Merging folds s · P diag(λ) Q into each weight: a plain model with no adapter overhead.
-    report = peftkit.merge_and_unload(reloaded)
+    reloaded, report = peftkit.merge_and_unload(reloaded, report=True)
     torch.testing.assert_close(logits(reloaded, tokenizer, rows), scores, rtol=1e-4, atol=1e-4)
     print(f"{report}: the merged model gives the same outputs")
 

@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> None:
 
     # LoRA folds into q_proj / v_proj; the adapter (non-linear) and the prefix (extra keys and
     # values) cannot be expressed as a weight update, so they stay, and the report says why.
-    report = peftkit.merge_and_unload(reloaded)
+    reloaded, report = peftkit.merge_and_unload(reloaded, report=True)
     print(report)
     with torch.no_grad():
         torch.testing.assert_close(reloaded(input_ids=test).logits, expected, rtol=1e-4, atol=1e-4)

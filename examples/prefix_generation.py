@@ -150,7 +150,8 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             torch.testing.assert_close(reloaded(**batch).logits, before)
     print("saved the prefix and loaded it onto a fresh base: same logits, same generations")
-    print(peftkit.merge_and_unload(reloaded))  # a prefix is not a weight update: it stays
+    _, report = peftkit.merge_and_unload(reloaded, report=True)
+    print(report)  # a prefix is not a weight update: it stays, and the report says why
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def check_reload_and_merge(
     print(f"saved the adapter to {out} and reloaded it: same outputs")
 
     # Merging folds LoRA into the weights: a plain transformers model, no adapter overhead.
-    report = peftkit.merge_and_unload(reloaded)
+    reloaded, report = peftkit.merge_and_unload(reloaded, report=True)
     torch.testing.assert_close(logits(reloaded, tokenizer, dev_rows), scores, rtol=1e-4, atol=1e-4)
     print(f"{report}: now a plain {type(reloaded).__name__} with the same outputs")
 

@@ -70,7 +70,7 @@ def test_lora_adapter_and_full_on_one_model(case_name: str, tmp_path: Path) -> N
     fresh = peftkit.load_adapter(case.build(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(case.output(fresh), expected, rtol=0, atol=0)
-        report = peftkit.merge_and_unload(fresh)
+        fresh, report = peftkit.merge_and_unload(fresh, report=True)
         torch.testing.assert_close(case.output(fresh), expected, rtol=1e-4, atol=1e-5)
     assert list(peftkit.adapters(fresh)) == ["ffn"]
     assert {k.split(":")[0] for k in report.merged} == {"attn", "small"}
@@ -143,7 +143,7 @@ def test_lora_inside_an_adapter_merges_but_outside_it_stays() -> None:
         perturb(model)
         with torch.no_grad():
             expected = model(ids)
-            report = peftkit.merge_and_unload(model)
+            model, report = peftkit.merge_and_unload(model, report=True)
             torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-5)
         kept = {k.split(":")[0]: why for k, why in report.kept.items()}
         if model is inside:

@@ -149,7 +149,7 @@ def test_merge_matches_unmerged_and_leaves_no_mergeable_layer(method: str, case_
     perturb(model)
     with torch.no_grad():
         expected = case.output(model)
-        report = peftkit.merge_and_unload(model)
+        model, report = peftkit.merge_and_unload(model, report=True)
         merged = case.output(model)
     torch.testing.assert_close(merged, expected, rtol=1e-4, atol=1e-5)
     left = [m for m in model.modules() if isinstance(m, peftkit.AdapterLayer)]

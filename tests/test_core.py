@@ -152,12 +152,12 @@ def test_merge_and_unload_inactive_adapter_is_kept_and_reported(
     peftkit.set_active(model, "a")
     with torch.no_grad():
         expected = model(_ids())
-    report = peftkit.merge_and_unload(model)
+    model, report = peftkit.merge_and_unload(model, report=True)
     assert list(peftkit.adapters(model)) == ["b"]
     assert all(name.startswith("a:") for name in report.merged)
     with torch.no_grad():
         torch.testing.assert_close(model(_ids()), expected, rtol=1e-5, atol=1e-5)
-    report_b = peftkit.merge_and_unload(model, ["b"])
+    model, report_b = peftkit.merge_and_unload(model, ["b"], report=True)
     assert report_b.kept and all("inactive" in why for why in report_b.kept.values())
 
 

@@ -57,6 +57,7 @@ PUBLIC: dict[str, list[str]] = {
         "merge_and_unload",
         "methods",
         "metrics",
+        "print_trainable_parameters",
         "rank_pattern",
         "register_method",
         "regularizer",

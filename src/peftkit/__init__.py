@@ -4,7 +4,7 @@ from peftkit import apply_lora, save_adapter, merge_and_unload
 apply_lora(model, r=8, targets=["q_proj", "v_proj"])   # in place; base frozen
 Trainer(model, TrainConfig(epochs=3, lr=1e-3)).fit(train_dataset, eval_dataset)
 save_adapter(model, "out/")
-merge_and_unload(model)                                  # plain model, no adapter overhead
+model = merge_and_unload(model)                          # plain model, no adapter overhead
 """
 
 from . import losses, metrics
@@ -37,7 +37,7 @@ from .methods.full import FullConfig, apply_full
 from .methods.lora import LoraConfig, apply_lora
 from .methods.prefix import PrefixConfig, apply_prefix, fold_prefix
 from .registry import methods, register_method
-from .summary import TrainableSummary, trainable_summary
+from .summary import TrainableSummary, print_trainable_parameters, trainable_summary
 from .targeting import TargetError
 from .trainer import Trainer
 from .training.config import TrainConfig
@@ -88,6 +88,7 @@ __all__ = [
     "merge_and_unload",
     "methods",
     "metrics",
+    "print_trainable_parameters",
     "rank_pattern",
     "register_method",
     "regularizer",

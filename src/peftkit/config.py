@@ -14,6 +14,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
+from ._keywords import init_fields, unknown_keywords_error
+
 C = TypeVar("C", bound="MethodConfig")
 
 ALL_LINEAR = "all-linear"
@@ -57,6 +59,19 @@ class MethodConfig:
     modules_to_save: Sequence[str] = ()
 
     method: ClassVar[str] = ""  # filled in by ``register_method``
+
+    def __new__(cls: type[C], *args: Any, **fields: Any) -> C:
+        """Refuse keywords the class has no field for, naming the field to use instead.
+
+        The check sits here, before the dataclass ``__init__``, so every subclass gets it and the
+        message can name peftkit's spelling of a peft keyword (``lora_alpha`` -> ``alpha``), from
+        the one table in ``peftkit._keywords``; ``__init__`` would only say "unexpected keyword".
+        """
+        accepted = init_fields(cls)
+        unknown = {k: v for k, v in fields.items() if k not in accepted}
+        if unknown:
+            raise unknown_keywords_error(cls, unknown)
+        return super().__new__(cls)
 
     def __post_init__(self) -> None:
         _check_patterns("modules_to_save", self.modules_to_save)

@@ -9,9 +9,11 @@ structure lives in the module tree itself (adapter layers wrap modules), so ``mo
 from __future__ import annotations
 
 import re
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Literal, overload
 
 import torch
 from torch import nn
@@ -211,7 +213,11 @@ def detach(model: nn.Module, name: str) -> None:
 
 
 def unload(model: nn.Module) -> nn.Module:
-    """Remove every adapter without merging: the original modules, weights and flags come back."""
+    """Remove every adapter without merging: the original modules, weights and flags come back.
+
+    Returns the model (the module inside a DDP / ``torch.compile`` wrapper), so
+    ``model = unload(model)`` works as with HF peft; the change is in place either way.
+    """
     for method in adapters(model).values():
         _check_restorable(method)
     unmerge(model)
@@ -230,13 +236,46 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> Merge
     return _merge(model, adapter_names, unload=False)
 
 
-def merge_and_unload(model: nn.Module, adapter_names: Sequence[str] | None = None) -> MergeReport:
+@overload
+def merge_and_unload(
+    model: nn.Module, adapter_names: Sequence[str] | None = None, *, report: Literal[False] = False
+) -> nn.Module: ...
+
+
+@overload
+def merge_and_unload(
+    model: nn.Module, adapter_names: Sequence[str] | None = None, *, report: Literal[True]
+) -> tuple[nn.Module, MergeReport]: ...
+
+
+def merge_and_unload(
+    model: nn.Module, adapter_names: Sequence[str] | None = None, *, report: bool = False
+) -> nn.Module | tuple[nn.Module, MergeReport]:
     """Fold active (or the named) adapters into the weights and remove their layers: a plain model.
 
-    Layers that cannot be merged (non-linear adapters, inactive ones, tied weights) stay; the report
-    lists each with the reason.
+    Returns the model (the module inside a DDP / ``torch.compile`` wrapper, as ``unload`` does), so
+    ``model = merge_and_unload(model)`` works as with HF peft. It changes the model in place either
+    way. Layers that cannot be merged (non-linear adapters, inactive ones, tied weights) stay and
+    keep computing; a ``UserWarning`` names them. ``report=True`` returns ``(model, MergeReport)``
+    instead, listing what was merged and each kept layer with the reason (no warning then).
+
+    The report is opt-in, not the return value, because code written for HF peft reassigns the
+    result and calls ``.generate()`` on it; ``merge``, which is reversible and leaves the wrappers
+    in place, keeps returning its report.
     """
-    return _merge(model, adapter_names, unload=True)
+    done = _merge(model, adapter_names, unload=True)
+    if report:
+        return unwrap_model(model), done
+    if done.kept:
+        names = ", ".join(list(done.kept)[:3]) + (", ..." if len(done.kept) > 3 else "")
+        warnings.warn(
+            f"merge_and_unload kept {len(done.kept)} layer(s) that cannot be merged ({names}); "
+            "they still compute as adapters. merge_and_unload(model, report=True) returns "
+            "(model, report) with the reason for each",
+            UserWarning,
+            stacklevel=2,
+        )
+    return unwrap_model(model)
 
 
 def _merge(model: nn.Module, names: Sequence[str] | None, *, unload: bool) -> MergeReport:

@@ -134,7 +134,7 @@ def run_method(name: str, make_model: Callable[[], nn.Module], steps: int, lr: f
         fresh = load_adapter(make_model(), tmp)
         with torch.no_grad():
             reload_diff = (fresh(input_ids=probe).logits - adapted).abs().max().item()
-    report = merge_and_unload(model)
+    model, report = merge_and_unload(model, report=True)
     with torch.no_grad():
         merge_diff = (model(input_ids=probe).logits - adapted).abs().max().item()
     return DemoRow(

@@ -72,6 +72,20 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
     )
 
 
+def print_trainable_parameters(model: nn.Module) -> None:
+    """Print one line: ``trainable params: 1,234 || all params: 5,678 || trainable%: 21.7328``.
+
+    The line HF peft users know from ``model.print_trainable_parameters()``, as a function because
+    peftkit does not wrap the model. The counts are ``trainable_summary``'s (unique parameters, so
+    tied weights count once); ``print(trainable_summary(model))`` adds one row per adapter.
+    """
+    summary = trainable_summary(model)
+    print(
+        f"trainable params: {summary.trainable:,} || all params: {summary.total:,} || "
+        f"trainable%: {summary.percent:.4f}"
+    )
+
+
 def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     """A markdown table with aligned columns (the demo's and the benchmarks' output)."""
     body = [list(header), *[list(r) for r in rows]]

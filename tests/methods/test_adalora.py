@@ -353,7 +353,7 @@ def test_gpt2_conv1d_orientation_and_merge_after_pruning() -> None:
     assert sum(rank_pattern(model).values()) == 8
     with torch.no_grad():
         expected = case.output(model)
-        report = peftkit.merge_and_unload(model)
+        model, report = peftkit.merge_and_unload(model, report=True)
         torch.testing.assert_close(case.output(model), expected, rtol=1e-4, atol=1e-5)
     assert len(report.merged) == 4 and not peftkit.adapters(model)
 

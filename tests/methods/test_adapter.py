@@ -211,7 +211,7 @@ def test_merge_leaves_adapters_in_place_and_reports_why() -> None:
     perturb(model)
     with torch.no_grad():
         expected = case.output(model)
-        report = peftkit.merge_and_unload(model)
+        model, report = peftkit.merge_and_unload(model, report=True)
         torch.testing.assert_close(case.output(model), expected, rtol=0, atol=0)
     assert not report.merged and len(report.kept) == 4
     assert all("not linear" in why for why in report.kept.values())

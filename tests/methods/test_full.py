@@ -267,12 +267,13 @@ def test_unloading_a_merge_into_weights_trained_with_a_kept_original_is_refused(
     perturb(model)
     with torch.no_grad():
         expected = model(_ids())
-    report = peftkit.merge_and_unload(model, ["lora"])
+    model, report = peftkit.merge_and_unload(model, ["lora"], report=True)
     assert all(
         "q_proj" in k and "merge_and_unload that adapter" in w for k, w in report.kept.items()
     )
     assert len(report.kept) == 2 and all("v_proj" in name for name in report.merged)
-    report = peftkit.merge_and_unload(model)  # full first (applied first), then lora
+    # full first (applied first), then lora
+    model, report = peftkit.merge_and_unload(model, report=True)
     assert not report.kept and not peftkit.adapters(model)
     with torch.no_grad():
         torch.testing.assert_close(model(_ids()), expected, rtol=1e-5, atol=1e-5)

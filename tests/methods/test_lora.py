@@ -210,7 +210,7 @@ def test_lora_on_tied_embedding_is_not_merged_and_says_why() -> None:
     perturb(model)
     with torch.no_grad():
         expected = case.output(model)
-        report = peftkit.merge_and_unload(model)
+        model, report = peftkit.merge_and_unload(model, report=True)
         torch.testing.assert_close(case.output(model), expected)
     assert not report.merged
     assert "tied" in report.kept["default:transformer.wte"]
@@ -255,7 +255,7 @@ def test_lora_on_a_layer_with_its_own_forward_is_not_merged_and_says_why() -> No
     ids = torch.arange(10).unsqueeze(0)
     with torch.no_grad():
         expected = model(ids)
-        report = peftkit.merge_and_unload(model)
+        model, report = peftkit.merge_and_unload(model, report=True)
         torch.testing.assert_close(model(ids), expected, rtol=1e-5, atol=1e-6)
     assert report.merged == ["default:1"]
     assert "ScaledEmbedding" in report.kept["default:0"]

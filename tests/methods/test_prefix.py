@@ -557,7 +557,7 @@ def test_merge_keeps_the_prefix_and_says_why() -> None:
     model = _prefixed("gpt2")
     ids = torch.randint(1, 20, (1, 5))
     expected = _logits(model, input_ids=ids)
-    report = peftkit.merge_and_unload(model)
+    model, report = peftkit.merge_and_unload(model, report=True)
     assert report.merged == []
     assert "no weight update reproduces" in report.kept["default:prefix"]
     torch.testing.assert_close(_logits(model, input_ids=ids), expected, rtol=0, atol=0)
