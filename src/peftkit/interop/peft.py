@@ -28,7 +28,13 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, _atomic_write, _read_weights, _to_saveable
+from ..checkpoint import (
+    CheckpointError,
+    _atomic_write,
+    _read_weights,
+    _to_saveable,
+    checkpoint_layout,
+)
 from ..config import MethodConfig
 from ..core import adapters, attach, delete_adapter, load_adapter_state_dict, unwrap_model
 from ..layers import AdapterLayer
@@ -250,6 +256,11 @@ def _check_peft_directory(path: Path) -> None:
         raise CheckpointError(f"adapter directory {path} does not exist")
     if (path / WEIGHTS_NAME).exists() and (path / CONFIG_NAME).exists():
         return
+    if checkpoint_layout(path) == "peftkit":
+        raise CheckpointError(
+            f"{path} is a peftkit checkpoint, not a peft adapter; load it with "
+            "peftkit.load_adapter(model, dir)"
+        )
     pickled = [n for n in PICKLE_NAMES if (path / n).exists()]
     if pickled:
         raise CheckpointError(
