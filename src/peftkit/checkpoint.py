@@ -3,7 +3,7 @@
 The file names are peftkit's own, so no tool that reads HF peft's ``adapter_config.json`` mistakes a
 peftkit checkpoint for a peft adapter, and ``interop.export_peft`` can write peft's files into the
 same directory. Format 1 (peftkit 0.1 and 0.2) used peft's file names; it is still read, never
-written, and a save over it removes it.
+written, and a save over it removes it. A directory peft saved is imported through ``interop``.
 
 Both files are written atomically (temporary file, fsync, rename). The weights file also carries the
 config text in its safetensors metadata, so it is self-describing: if a save was interrupted between
@@ -150,8 +150,12 @@ def load_adapter(
 ) -> nn.Module:
     """Apply the adapters saved in ``directory`` to ``model`` (a fresh base) and load their weights.
 
-    Their saved active/inactive state is restored. On any error nothing is left applied.
+    Their saved active/inactive state is restored. On any error nothing is left applied. A
+    directory saved by HF peft (``save_pretrained``) is imported with ``interop.import_peft``, as
+    the adapter ``"default"`` or the one name in ``adapter_names``.
     """
+    if checkpoint_layout(directory) == "peft":
+        return _import_peft(model, Path(directory), adapter_names)
     doc, tensors = read_checkpoint(directory)
     entries = _select(doc["adapters"], adapter_names, directory)
     applied: list[str] = []
@@ -187,6 +191,18 @@ def _select(
             f"{directory}: no adapter {missing} in {[e['name'] for e in entries]}"
         )
     return [e for e in entries if e["name"] in names]
+
+
+def _import_peft(model: nn.Module, path: Path, names: Sequence[str] | None) -> nn.Module:
+    from .interop import import_peft  # interop builds on this module
+
+    wanted = ["default"] if names is None else list(names)
+    if len(wanted) != 1:
+        raise CheckpointError(
+            f"{path} is an HF peft adapter directory, which holds one adapter; pass one name to "
+            f"load it as, not {wanted}"
+        )
+    return import_peft(model, path, adapter_name=wanted[0])
 
 
 def read_checkpoint(
@@ -232,7 +248,8 @@ def _check_directory(path: Path) -> tuple[str, str]:
     layout = checkpoint_layout(path)
     if layout == "peft":
         raise CheckpointError(
-            f"{path} is an HF peft checkpoint; load it with peftkit.interop.import_peft(model, dir)"
+            f"{path} is an HF peft checkpoint; load it with peftkit.load_adapter(model, dir) or "
+            "peftkit.interop.import_peft(model, dir)"
         )
     names = (
         (LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME)

@@ -32,6 +32,7 @@ from peftkit.checkpoint import (
     LEGACY_WEIGHTS_NAME,
     WEIGHTS_NAME,
 )
+from peftkit.interop import InteropError
 from peftkit.methods.lora import LoraLinear
 
 from helpers import perturb, snapshot, temporarily_registered
@@ -324,10 +325,10 @@ def test_foreign_json_is_not_taken_for_a_config(tmp_path: Path) -> None:
     _refused(tmp_path, "is not a peftkit adapter config")
 
 
-def test_hf_peft_directory_points_to_the_importer(tmp_path: Path) -> None:
+def test_hf_peft_directory_is_imported_through_the_importers_checks(tmp_path: Path) -> None:
     (tmp_path / LEGACY_CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
     save_file({"x": torch.zeros(1)}, tmp_path / LEGACY_WEIGHTS_NAME)
-    _refused(tmp_path, r"HF peft checkpoint; load it with peftkit\.interop\.import_peft")
+    _refused(tmp_path, r"tensor 'x' does not start with 'base_model\.model\.'", error=InteropError)
 
 
 def test_pickle_adapter_is_refused(tmp_path: Path) -> None:
