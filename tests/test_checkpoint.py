@@ -182,3 +182,6 @@ def test_the_file_names_are_peftkits_own(tmp_path: Path) -> None:
     assert checkpoint_layout(tmp_path) == "peftkit"
     assert checkpoint_layout(FORMAT_1) == "peftkit-1"
     assert checkpoint_layout(tmp_path / "nothing") is None
+    # A run directory of old peftkit checkpoints is not a directory of peft adapters.
+    shutil.copytree(FORMAT_1, tmp_path / "runs" / "checkpoint-1")
+    assert checkpoint_layout(tmp_path / "runs") is None

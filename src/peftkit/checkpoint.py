@@ -65,7 +65,9 @@ def checkpoint_layout(directory: str | os.PathLike[str]) -> Layout | None:
         return "peft" if "peft_type" in _json_doc(legacy) else "peftkit-1"
     if (path / LEGACY_WEIGHTS_NAME).exists():
         return "peftkit-1"  # its config may be lost; the copy inside the weights says more
-    if path.is_dir() and any(path.glob(f"*/{LEGACY_CONFIG_NAME}")):
+    if path.is_dir() and any(
+        "peft_type" in _json_doc(p) for p in path.glob(f"*/{LEGACY_CONFIG_NAME}")
+    ):
         return "peft"  # several peft adapters, one per subdirectory
     return None
 
