@@ -6,6 +6,8 @@ Damaged, foreign and mismatched checkpoints are the reliability corpus: tests/re
 from __future__ import annotations
 
 import json
+import shutil
+import warnings
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,14 @@ from safetensors.torch import load_file
 
 import peftkit
 from peftkit import CheckpointError, apply_lora, load_adapter, save_adapter
-from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME, content_digest
+from peftkit.checkpoint import (
+    CONFIG_NAME,
+    LEGACY_CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+    checkpoint_layout,
+    content_digest,
+)
 
 from helpers import perturb
 from zoo import CASES, TinyTransformer
@@ -120,3 +129,59 @@ def test_saved_module_round_trips(tmp_path: Path) -> None:
     fresh = load_adapter(case.build(), tmp_path)
     with torch.no_grad():
         torch.testing.assert_close(case.output(fresh), case.output(model), rtol=0, atol=0)
+
+
+# -- format 1 (peftkit 0.1: peft's file names) -----------------------------------------------------
+FORMAT_1 = Path(__file__).parent / "data" / "format-1"  # written by the format-1 save_adapter
+
+
+def _format_1_copy(tmp_path: Path) -> Path:
+    out = tmp_path / "old"
+    shutil.copytree(FORMAT_1, out)
+    (out / "expected.safetensors").unlink()
+    return out
+
+
+def test_a_format_1_checkpoint_loads(tmp_path: Path) -> None:
+    path = _format_1_copy(tmp_path)
+    assert json.loads((path / LEGACY_CONFIG_NAME).read_text())["format_version"] == 1
+    expected = load_file(FORMAT_1 / "expected.safetensors")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # an old checkpoint is not a damaged one
+        model = load_adapter(_fresh(), path)
+    assert {n: m.active for n, m in peftkit.adapters(model).items()} == {"a": True, "b": False}
+    stored = load_file(path / LEGACY_WEIGHTS_NAME)
+    assert all(torch.equal(t, stored[k]) for k, t in peftkit.adapter_state_dict(model).items())
+    with torch.no_grad():
+        torch.testing.assert_close(model(expected["input_ids"]), expected["logits"])
+
+
+def test_a_format_1_checkpoint_without_its_json_recovers_from_the_weights(tmp_path: Path) -> None:
+    path = _format_1_copy(tmp_path)
+    (path / LEGACY_CONFIG_NAME).unlink()
+    with pytest.warns(UserWarning, match="adapter_config.json is missing; using the config stored"):
+        model = load_adapter(_fresh(), path)
+    assert list(peftkit.adapters(model)) == ["a", "b"]
+
+
+def test_saving_over_a_format_1_checkpoint_replaces_it(tmp_path: Path) -> None:
+    path = _format_1_copy(tmp_path)
+    model = load_adapter(_fresh(), path)
+    save_adapter(model, path)
+    assert sorted(p.name for p in path.iterdir()) == [CONFIG_NAME, WEIGHTS_NAME]
+    assert json.loads((path / CONFIG_NAME).read_text())["format_version"] == 2
+    fresh = load_adapter(_fresh(), path)
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(_ids()), model(_ids()), rtol=0, atol=0)
+
+
+def test_the_file_names_are_peftkits_own(tmp_path: Path) -> None:
+    save_adapter(_trained(), tmp_path)
+    assert CONFIG_NAME == "peftkit_config.json" and WEIGHTS_NAME == "peftkit_model.safetensors"
+    assert not (tmp_path / LEGACY_CONFIG_NAME).exists()
+    assert checkpoint_layout(tmp_path) == "peftkit"
+    assert checkpoint_layout(FORMAT_1) == "peftkit-1"
+    assert checkpoint_layout(tmp_path / "nothing") is None
+    # A run directory of old peftkit checkpoints is not a directory of peft adapters.
+    shutil.copytree(FORMAT_1, tmp_path / "runs" / "checkpoint-1")
+    assert checkpoint_layout(tmp_path / "runs") is None

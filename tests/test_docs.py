@@ -119,8 +119,8 @@ def test_readme_quickstart_runs_as_written(tmp_path: Path) -> None:
 
     model, fresh = namespace["model"], namespace["fresh"]
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "peftkit_config.json",
+        "peftkit_model.safetensors",
     ]
     assert (tmp_path / "runs" / "log.jsonl").is_file()
     assert not peftkit.adapters(model)  # merged and unloaded: a plain model

@@ -117,14 +117,14 @@ def test_checkpoints_hold_no_pickle_and_resume_checks_settings(
     _, out = reference
     files = {p.name for p in (out / "checkpoint-9").iterdir()}
     assert files == {
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "peftkit_config.json",
+        "peftkit_model.safetensors",
         S.STATE_JSON,
         S.STATE_TENSORS,
     }
     assert {p.name for p in (out / "best").iterdir()} == {
-        "adapter_config.json",
-        "adapter_model.safetensors",
+        "peftkit_config.json",
+        "peftkit_model.safetensors",
         "best.json",
     }
     with pytest.raises(CheckpointError, match=r"grad_accum 2 -> 1.*resume with the same"):

@@ -1,4 +1,9 @@
-"""Adapter checkpoints: ``adapter_config.json`` + ``adapter_model.safetensors``, nothing pickled.
+"""Adapter checkpoints: ``peftkit_config.json`` + ``peftkit_model.safetensors``, nothing pickled.
+
+The file names are peftkit's own, so no tool that reads HF peft's ``adapter_config.json`` mistakes a
+peftkit checkpoint for a peft adapter, and ``interop.export_peft`` can write peft's files into the
+same directory. Format 1 (peftkit 0.1) used peft's file names; it is still read, never
+written, and a save over it removes it. A directory peft saved is imported through ``interop``.
 
 Both files are written atomically (temporary file, fsync, rename). The weights file also carries the
 config text in its safetensors metadata, so it is self-describing: if a save was interrupted between
@@ -16,7 +21,7 @@ import uuid
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -27,17 +32,53 @@ from ._version import __version__
 from .core import adapter_state_dict, adapters, attach, detach, load_adapter_state_dict
 from .registry import spec
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+CONFIG_NAME = "peftkit_config.json"
+WEIGHTS_NAME = "peftkit_model.safetensors"
+# Format 1 used the file names of HF peft, which peft then took for its own and failed on.
+LEGACY_CONFIG_NAME = "adapter_config.json"
+LEGACY_WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT = "peftkit"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _META_KEY = "peftkit_config"
 _DIGEST_KEY = "peftkit_sha256"
 _PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "adapter_model.pth")
 
 
+Layout = Literal["peftkit", "peftkit-1", "peft"]
+
+
 class CheckpointError(ValueError):
     """A checkpoint is missing, corrupt, unsafe, or does not fit the model."""
+
+
+def checkpoint_layout(directory: str | os.PathLike[str]) -> Layout | None:
+    """What ``directory`` holds: a peftkit checkpoint, one in format 1, an HF peft adapter, or None.
+
+    peftkit's own file names win where a directory holds both (``export_peft`` beside
+    ``save_adapter``). Only file names and JSON are read, never tensors.
+    """
+    path = Path(directory)
+    if (path / CONFIG_NAME).exists() or (path / WEIGHTS_NAME).exists():
+        return "peftkit"
+    legacy = path / LEGACY_CONFIG_NAME
+    if legacy.is_file():
+        return "peft" if "peft_type" in _json_doc(legacy) else "peftkit-1"
+    if (path / LEGACY_WEIGHTS_NAME).exists():
+        return "peftkit-1"  # its config may be lost; the copy inside the weights says more
+    if path.is_dir() and any(
+        "peft_type" in _json_doc(p) for p in path.glob(f"*/{LEGACY_CONFIG_NAME}")
+    ):
+        return "peft"  # several peft adapters, one per subdirectory
+    return None
+
+
+def _json_doc(path: Path) -> dict[str, Any]:
+    """The JSON object in ``path``; {} when it is missing, unreadable or not an object."""
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
 
 
 def save_adapter(
@@ -79,7 +120,29 @@ def save_adapter(
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
+    _remove_superseded(out)
     return out
+
+
+def _remove_superseded(out: Path) -> None:
+    """Delete a format-1 checkpoint that a save into ``out`` replaced; never a peft adapter's files.
+
+    Left in place, its ``adapter_config.json`` would still be read (and refused) by peft.
+    """
+    config, weights = out / LEGACY_CONFIG_NAME, out / LEGACY_WEIGHTS_NAME
+    doc = _json_doc(config)  # {} when missing or unreadable
+    meta = _metadata(weights) if weights.exists() and not doc else {}
+    if (doc.get("format") == FORMAT and "peft_type" not in doc) or _META_KEY in meta:
+        weights.unlink(missing_ok=True)
+        config.unlink(missing_ok=True)
+
+
+def _metadata(path: Path) -> dict[str, str]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            return f.metadata() or {}
+    except (SafetensorError, OSError, ValueError):
+        return {}
 
 
 def load_adapter(
@@ -89,17 +152,14 @@ def load_adapter(
 ) -> nn.Module:
     """Apply the adapters saved in ``directory`` to ``model`` (a fresh base) and load their weights.
 
-    Their saved active/inactive state is restored. On any error nothing is left applied.
+    Their saved active/inactive state is restored. On any error nothing is left applied. A
+    directory saved by HF peft (``save_pretrained``) is imported with ``interop.import_peft``, as
+    the adapter ``"default"`` or the one name in ``adapter_names``.
     """
+    if checkpoint_layout(directory) == "peft":
+        return _import_peft(model, Path(directory), adapter_names)
     doc, tensors = read_checkpoint(directory)
-    entries = doc["adapters"]
-    if adapter_names is not None:
-        missing = sorted(set(adapter_names) - {e["name"] for e in entries})
-        if missing:
-            raise CheckpointError(
-                f"{directory}: no adapter {missing} in {[e['name'] for e in entries]}"
-            )
-        entries = [e for e in entries if e["name"] in adapter_names]
+    entries = _select(doc["adapters"], adapter_names, directory)
     applied: list[str] = []
     try:
         for entry in entries:
@@ -122,18 +182,46 @@ def load_adapter(
     return model
 
 
+def _select(
+    entries: list[dict[str, Any]], names: Sequence[str] | None, directory: str | os.PathLike[str]
+) -> list[dict[str, Any]]:
+    if names is None:
+        return entries
+    missing = sorted(set(names) - {e["name"] for e in entries})
+    if missing:
+        raise CheckpointError(
+            f"{directory}: no adapter {missing} in {[e['name'] for e in entries]}"
+        )
+    return [e for e in entries if e["name"] in names]
+
+
+def _import_peft(model: nn.Module, path: Path, names: Sequence[str] | None) -> nn.Module:
+    from .interop import import_peft  # interop builds on this module
+
+    wanted = ["default"] if names is None else list(names)
+    if len(wanted) != 1:
+        raise CheckpointError(
+            f"{path} is an HF peft adapter directory, which holds one adapter; pass one name to "
+            f"load it as, not {wanted}"
+        )
+    return import_peft(model, path, adapter_name=wanted[0])
+
+
 def read_checkpoint(
     directory: str | os.PathLike[str],
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """The checked config document and the tensors of a peftkit checkpoint directory."""
+    """The checked config document and the tensors of a peftkit checkpoint directory.
+
+    Reads the current layout and format 1 (``adapter_config.json`` with ``"format": "peftkit"``).
+    """
     path = Path(directory)
-    _check_directory(path)
-    tensors, meta = _read_weights(path / WEIGHTS_NAME)
+    config_name, weights_name = _check_directory(path)
+    tensors, meta = _read_weights(path / weights_name)
     text = meta_text = meta.get(_META_KEY)
-    json_path = path / CONFIG_NAME
+    json_path = path / config_name
     if not json_path.exists() and meta_text is not None:
         warnings.warn(
-            f"{json_path} is missing; using the config stored in {WEIGHTS_NAME}",
+            f"{json_path} is missing; using the config stored in {weights_name}",
             UserWarning,
             stacklevel=3,
         )
@@ -141,7 +229,7 @@ def read_checkpoint(
         json_text = json_path.read_text(encoding="utf-8")
         if meta_text is not None and json_text != meta_text:
             warnings.warn(
-                f"{json_path} does not match the config stored in {WEIGHTS_NAME} (an interrupted "
+                f"{json_path} does not match the config stored in {weights_name} (an interrupted "
                 "save?); using the one stored with the weights",
                 UserWarning,
                 stacklevel=3,
@@ -149,23 +237,36 @@ def read_checkpoint(
         else:
             text = json_text
     if text is None:
-        raise CheckpointError(f"{path}: no {CONFIG_NAME} and no config inside {WEIGHTS_NAME}")
-    return _parse_config(text, path), tensors
+        raise CheckpointError(f"{path}: no {config_name} and no config inside {weights_name}")
+    return _parse_config(text, json_path), tensors
 
 
-def _check_directory(path: Path) -> None:
+def _check_directory(path: Path) -> tuple[str, str]:
+    """The config and weights file names of the checkpoint in ``path`` (current or format 1)."""
     if path.is_file():
         raise CheckpointError(f"{path} is a file; pass the checkpoint directory that holds it")
     if not path.is_dir():
         raise CheckpointError(f"checkpoint directory {path} does not exist")
-    if not (path / WEIGHTS_NAME).exists():
+    layout = checkpoint_layout(path)
+    if layout == "peft":
+        raise CheckpointError(
+            f"{path} is an HF peft checkpoint; load it with peftkit.load_adapter(model, dir) or "
+            "peftkit.interop.import_peft(model, dir)"
+        )
+    names = (
+        (LEGACY_CONFIG_NAME, LEGACY_WEIGHTS_NAME)
+        if layout == "peftkit-1"
+        else (CONFIG_NAME, WEIGHTS_NAME)
+    )
+    if not (path / names[1]).exists():
         pickled = [n for n in _PICKLE_NAMES if (path / n).exists()]
         if pickled:
             raise CheckpointError(
                 f"{path / pickled[0]} is a pickle file; peftkit never unpickles (it can run code). "
                 "Convert it to safetensors with code you trust, then load that"
             )
-        raise CheckpointError(f"{path} holds no {WEIGHTS_NAME}")
+        raise CheckpointError(f"{path} holds no {names[1]}")
+    return names
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -197,17 +298,18 @@ def content_digest(tensors: dict[str, torch.Tensor], text: str | None) -> str:
     return digest.hexdigest()
 
 
-def _parse_config(text: str, path: Path) -> dict[str, Any]:
+def _parse_config(text: str, json_path: Path) -> dict[str, Any]:
+    path = json_path.parent
     try:
         doc = json.loads(text)
     except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({err})") from err
+        raise CheckpointError(f"{json_path} is not valid JSON ({err})") from err
     if isinstance(doc, dict) and "peft_type" in doc:
         raise CheckpointError(
             f"{path} is an HF peft checkpoint; load it with peftkit.interop.import_peft(model, dir)"
         )
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not a peftkit adapter config")
+        raise CheckpointError(f"{json_path} is not a peftkit adapter config")
     if doc.get("format_version", 0) > FORMAT_VERSION:
         warnings.warn(
             f"{path} uses checkpoint format {doc['format_version']} (newer than "
@@ -217,12 +319,12 @@ def _parse_config(text: str, path: Path) -> dict[str, Any]:
         )
     entries = doc.get("adapters")
     if not isinstance(entries, list) or not entries:
-        raise CheckpointError(f"{path / CONFIG_NAME} lists no adapters")
+        raise CheckpointError(f"{json_path} lists no adapters")
     for entry in entries:
         lacking = [k for k in ("name", "method", "config") if k not in entry]
         if lacking:
             raise CheckpointError(
-                f"{path / CONFIG_NAME}: an adapter entry lacks {lacking}; each entry needs name, "
+                f"{json_path}: an adapter entry lacks {lacking}; each entry needs name, "
                 "method and config (re-save the adapter with peftkit.save_adapter)"
             )
     return doc

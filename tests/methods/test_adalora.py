@@ -425,7 +425,7 @@ def test_save_drops_pruned_triplets_and_load_rebuilds_at_live_ranks(tmp_path: Pa
     with torch.no_grad():
         expected = model(_ids(99))
     peftkit.save_adapter(model, tmp_path)
-    with safe_open(str(tmp_path / "adapter_model.safetensors"), "pt") as f:
+    with safe_open(str(tmp_path / peftkit.checkpoint.WEIGHTS_NAME), "pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118
     for path, r in ranks.items():
         out_f, in_f = model.get_submodule(path).base_weight().shape
@@ -486,7 +486,7 @@ def test_forgetting_the_hook_makes_save_and_merge_raise(tmp_path: Path) -> None:
         peftkit.save_adapter(model, tmp_path)
     with pytest.raises(RuntimeError, match="cannot merge.*step_hooks"):
         peftkit.merge_and_unload(model)
-    assert not (tmp_path / "adapter_model.safetensors").exists()
+    assert not (tmp_path / peftkit.checkpoint.WEIGHTS_NAME).exists()
 
 
 def test_no_error_within_warmup_with_hooks_or_without_pruning(tmp_path: Path) -> None:

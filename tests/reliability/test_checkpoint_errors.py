@@ -26,7 +26,13 @@ from peftkit import (
     load_adapter,
     save_adapter,
 )
-from peftkit.checkpoint import CONFIG_NAME, WEIGHTS_NAME
+from peftkit.checkpoint import (
+    CONFIG_NAME,
+    LEGACY_CONFIG_NAME,
+    LEGACY_WEIGHTS_NAME,
+    WEIGHTS_NAME,
+)
+from peftkit.interop import InteropError
 from peftkit.methods.lora import LoraLinear
 
 from helpers import perturb, snapshot, temporarily_registered
@@ -198,7 +204,7 @@ def test_corrupt_config_json_recovers_from_the_copy_in_the_weights(tmp_path: Pat
 def test_missing_config_json_recovers_from_the_copy_in_the_weights(tmp_path: Path) -> None:
     model = _saved(tmp_path)
     (tmp_path / CONFIG_NAME).unlink()
-    with pytest.warns(UserWarning, match="adapter_config.json is missing; using the config stored"):
+    with pytest.warns(UserWarning, match="peftkit_config.json is missing; using the config stored"):
         fresh = load_adapter(_fresh(), tmp_path)
     torch.testing.assert_close(_outputs(fresh), _outputs(model), rtol=0, atol=0)
 
@@ -319,10 +325,10 @@ def test_foreign_json_is_not_taken_for_a_config(tmp_path: Path) -> None:
     _refused(tmp_path, "is not a peftkit adapter config")
 
 
-def test_hf_peft_directory_points_to_the_importer(tmp_path: Path) -> None:
-    (tmp_path / CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
-    save_file({"x": torch.zeros(1)}, tmp_path / WEIGHTS_NAME)
-    _refused(tmp_path, r"HF peft checkpoint; load it with peftkit\.interop\.import_peft")
+def test_hf_peft_directory_is_imported_through_the_importers_checks(tmp_path: Path) -> None:
+    (tmp_path / LEGACY_CONFIG_NAME).write_text(json.dumps({"peft_type": "LORA"}))
+    save_file({"x": torch.zeros(1)}, tmp_path / LEGACY_WEIGHTS_NAME)
+    _refused(tmp_path, r"tensor 'x' does not start with 'base_model\.model\.'", error=InteropError)
 
 
 def test_pickle_adapter_is_refused(tmp_path: Path) -> None:

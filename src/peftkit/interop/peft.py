@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -28,9 +28,16 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..checkpoint import CheckpointError, _atomic_write, _read_weights, _to_saveable
+from ..checkpoint import (
+    CheckpointError,
+    _atomic_write,
+    _read_weights,
+    _to_saveable,
+    checkpoint_layout,
+)
 from ..config import MethodConfig
 from ..core import adapters, attach, delete_adapter, load_adapter_state_dict, unwrap_model
+from ..layers import AdapterLayer
 from ..methods.base import Method
 from ..registry import spec_for_config
 
@@ -249,6 +256,11 @@ def _check_peft_directory(path: Path) -> None:
         raise CheckpointError(f"adapter directory {path} does not exist")
     if (path / WEIGHTS_NAME).exists() and (path / CONFIG_NAME).exists():
         return
+    if checkpoint_layout(path) == "peftkit":
+        raise CheckpointError(
+            f"{path} is a peftkit checkpoint, not a peft adapter; load it with "
+            "peftkit.load_adapter(model, dir)"
+        )
     pickled = [n for n in PICKLE_NAMES if (path / n).exists()]
     if pickled:
         raise CheckpointError(
@@ -264,6 +276,58 @@ def _check_peft_directory(path: Path) -> None:
         )
     missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not (path / n).exists()]
     raise CheckpointError(f"{path} is not a peft adapter directory: no {' or '.join(missing)}")
+
+
+# -- copies of base weights ----------------------------------------------------------------------
+def drop_base_copies(
+    tensors: dict[str, torch.Tensor], adapted: Collection[str], modules: dict[str, nn.Module]
+) -> dict[str, torch.Tensor]:
+    """``tensors`` (prefix removed) without the copies of base weights peft keeps beside adapters.
+
+    peft stores ``<module>.base_layer.<name>`` for an adapted embedding by default (its
+    ``save_embedding_layers``). Such a copy of a module in ``adapted`` is dropped when it equals the
+    model's own tensor; one that differs raises ``InteropError`` (see ``check_base_copy``).
+    """
+    left: dict[str, torch.Tensor] = {}
+    for key, tensor in tensors.items():
+        path, infix, name = key.rpartition(".base_layer.")
+        module = modules.get(path) if infix and path in adapted else None
+        if module is None:
+            left[key] = tensor
+            continue
+        inner = module.base_layer() if isinstance(module, AdapterLayer) else module
+        own = inner.state_dict().get(name)
+        if own is None:
+            left[key] = tensor  # no such base tensor: left for the caller to name as stray
+            continue
+        check_base_copy(path, key, tensor, own)
+    return left
+
+
+def check_base_copy(path: str, key: str, stored: torch.Tensor, own: torch.Tensor) -> None:
+    """Raise ``InteropError`` unless ``stored`` equals ``own`` bit for bit.
+
+    Where the dtypes differ (a base saved in bfloat16, loaded in float32), equal means equal
+    once one of them is rounded to the other's dtype: what a plain cast of the same weights gives.
+    """
+    own = own.detach().to("cpu")
+    if stored.shape != own.shape:
+        raise InteropError(
+            f"{path}: the file holds a copy of its base weight {key} of shape "
+            f"{tuple(stored.shape)}, this model's is {tuple(own.shape)} (a resized embedding?); "
+            "import the adapter into the base it was saved from"
+        )
+    same = torch.equal(stored, own) or (
+        stored.dtype != own.dtype
+        and (torch.equal(own.to(stored.dtype), stored) or torch.equal(stored.to(own.dtype), own))
+    )
+    if not same:
+        diff = (stored.double() - own.double()).abs().max().item()
+        raise InteropError(
+            f"{path}: the file holds a copy of its base weight {key} that differs from this "
+            f"model's (max difference {diff:.3g}), so the adapter was trained on another base (or "
+            "with a trained embedding); import it into the base it was saved from"
+        )
 
 
 # -- names -------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ from .peft import (
     InteropError,
     PeftAdapter,
     PeftConverter,
+    drop_base_copies,
     exact_names,
     pattern_names,
     register_peft_converter,
@@ -106,6 +107,7 @@ class LoraConverter(PeftConverter):
                     f"{path}: the tensors have rank {ranks[path]} but the config says {expected}"
                 )
             alphas[path] = peft_pattern_value(cfg.get("alpha_pattern") or {}, path, alpha)
+        rest = drop_base_copies(rest, found, modules)  # peft's copies of embedding weights
         saved = saved_tensors(list(modules), cfg.get("modules_to_save") or [], rest)
         universe = [n for n in modules if n]
         try:

@@ -24,8 +24,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import (
-    CONFIG_NAME,
     CheckpointError,
+    checkpoint_layout,
     load_adapter,
     read_checkpoint,
     save_adapter,
@@ -126,7 +126,7 @@ def load_weights(model: nn.Module, directory: Path) -> None:
     adapters are removed and the saved ones applied through ``load_adapter``, so a method's runtime
     state (``extra_state``, e.g. AdaLoRA's live ranks) is restored the way its own loader expects.
     """
-    if (directory / CONFIG_NAME).exists():
+    if checkpoint_layout(directory) in ("peftkit", "peftkit-1"):
         doc, tensors = read_checkpoint(directory)
         if _same_adapters(model, doc["adapters"]):
             load_adapter_state_dict(model, tensors)
