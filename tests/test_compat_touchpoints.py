@@ -165,3 +165,22 @@ def test_peftkits_own_calls_raise_no_future_warning(kind: str) -> None:
 
 def _cache_kwargs(model: nn.Module, output: object) -> dict[str, object]:
     return {_compat.cache_argument(model): _compat.output_cache(output)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "heads"), [("bert", ["classifier"]), ("gpt2", []), ("llama", []), ("t5", [])]
+)
+def test_the_task_head_is_what_sits_beside_the_body(kind: str, heads: list[str]) -> None:
+    model = CASES[kind].build()
+    prefix = type(model).base_model_prefix
+    assert isinstance(prefix, str), _where("PreTrainedModel.base_model_prefix")
+    if kind in ("gpt2", "llama"):  # the language-model head is named by the output embeddings
+        assert model.get_output_embeddings() is model.lm_head, _where("get_output_embeddings()")
+    assert _compat.task_heads(model) == heads, _where("the body under base_model_prefix")
+
+
+def test_declared_tied_keys_are_read_in_either_form() -> None:
+    model = CASES["gpt2"].build()
+    declared = type(model)._tied_weights_keys
+    assert declared, _where("GPT2LMHeadModel._tied_weights_keys")
+    assert "lm_head" in _compat._tied_names(model), _where("_tied_weights_keys keys")

@@ -121,6 +121,10 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
+def _inside_any(name: str, paths: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in paths)
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.base_layer() if isinstance(module, AdapterLayer) else module
 
@@ -139,7 +143,13 @@ def select(
     candidates = [(n, m) for n, m in iter_modules(model) if n]
     if config.targets == ALL_LINEAR:
         head = output_head(model)
-        chosen = [(n, m) for n, m in candidates if is_linear(_unwrap(m)) and m is not head]
+        # A task head trains in full (MethodConfig.train_head); an adapter inside it would be idle.
+        heads = _compat.task_heads(model) if config.train_head is not False else []
+        chosen = [
+            (n, m)
+            for n, m in candidates
+            if is_linear(_unwrap(m)) and m is not head and not _inside_any(n, heads)
+        ]
     else:
         _check_each_target_matches(candidates, config.targets)
         chosen = [(n, m) for n, m in candidates if first_match(n, config.targets)]
