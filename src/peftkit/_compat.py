@@ -22,6 +22,9 @@ The pieces and where they changed:
 - Task heads: a ``*For*`` model holds its body under ``base_model_prefix`` and its head beside it;
   ``get_output_embeddings()`` and ``_tied_weights_keys`` (a list up to 4.x, a dict in 5.x) name
   the language-model head, which is pretrained or tied and so is not a task head.
+- ``save_pretrained(directory, state_dict=...)`` writes the given tensors under their keys; when
+  ``state_dict`` is None it reads ``self.state_dict()``. The HF Trainer's ``save_model`` and its
+  checkpoints call the model's ``save_pretrained`` (looked up on the instance).
 
 Nothing here imports transformers at module import time: ``import peftkit`` stays free of it.
 """
@@ -241,3 +244,43 @@ def task_heads(model: nn.Module) -> list[str]:
         if name != prefix and name not in tied and params and not params & taken:
             heads.append(name)
     return heads
+
+
+# -- save_pretrained ---------------------------------------------------------------------------
+def save_pretrained_state_dict_argument(model: nn.Module) -> bool:
+    """Whether ``model.save_pretrained`` (its class's) takes the ``state_dict`` to write."""
+    method = getattr(type(model), "save_pretrained", None)
+    return callable(method) and "state_dict" in inspect.signature(method).parameters
+
+
+def hook_save_pretrained(model: nn.Module, plain: Callable[[nn.Module, Any], Any]) -> bool:
+    """Make ``model.save_pretrained`` write ``plain(model, state_dict)`` instead of its raw state.
+
+    Only this instance changes (an attribute that shadows the class's method); nothing global is
+    patched. Returns False for a model without an HF ``save_pretrained``.
+    """
+    if not save_pretrained_state_dict_argument(model):
+        return False
+    model.__dict__["save_pretrained"] = _PlainSave(model, plain)
+    return True
+
+
+def unhook_save_pretrained(model: nn.Module) -> None:
+    """Undo ``hook_save_pretrained`` (no-op when it was not hooked)."""
+    if isinstance(model.__dict__.get("save_pretrained"), _PlainSave):
+        del model.__dict__["save_pretrained"]
+
+
+class _PlainSave:
+    """``model.save_pretrained`` of one hooked model. It holds the model itself (not a weak
+    reference) so that ``copy.deepcopy`` and pickling carry it over to the copy."""
+
+    def __init__(self, model: nn.Module, plain: Callable[[nn.Module, Any], Any]) -> None:
+        self.model = model
+        self.plain = plain
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        save = type(self.model).save_pretrained  # type: ignore[attr-defined]
+        call = inspect.signature(save).bind(self.model, *args, **kwargs)
+        call.arguments["state_dict"] = self.plain(self.model, call.arguments.get("state_dict"))
+        return save(*call.args, **call.kwargs)
