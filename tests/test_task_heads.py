@@ -194,6 +194,7 @@ def test_save_and_load_give_identical_logits_with_the_trained_head(tmp_path: Pat
         expected = case.output(model)
     peftkit.save_adapter(model, tmp_path)
     loaded = peftkit.load_adapter(case.build(), tmp_path)
+    assert isinstance(loaded.classifier, SavedModule)  # the trained head came back with it
     with torch.no_grad():
         torch.testing.assert_close(case.output(loaded), expected, rtol=0, atol=0)
         assert (expected - case.output(case.build())).abs().max() > 1e-3

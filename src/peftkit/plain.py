@@ -42,12 +42,19 @@ class PlainModelError(ValueError):
 @dataclass(frozen=True)
 class _Stack:
     """One wrapper stack: keys under ``raw`` belong to it; those under ``source`` are kept, renamed
-    to ``path``; ``update`` is added to ``<path>.weight``."""
+    to ``path``; the updates of ``folded`` are added to ``<path>.weight``."""
 
     raw: str
     source: str
     path: str
-    update: torch.Tensor | None
+    folded: tuple[AdapterLayer, ...]
+
+    def fold(self, weight: torch.Tensor) -> torch.Tensor:
+        """``weight`` plus every update, on the CPU: one update at a time on the model's device,
+        so saving a large model does not hold all of them there at once."""
+        with torch.no_grad():
+            update = sum((layer.delta_weight() for layer in self.folded), torch.zeros(()))
+            return (weight + update.to(weight.device, weight.dtype)).cpu()
 
 
 def plain_state_dict(
@@ -106,19 +113,19 @@ def _stacks(model: nn.Module) -> list[_Stack]:
     stacks = []
     for path, module in iter_modules(model):
         if isinstance(module, AdapterLayer):
-            source, update = _fold(module, tied)
-            stacks.append(_Stack(raw[id(module)] + ".", raw[id(source)] + ".", path + ".", update))
+            source, folded = _fold(module, tied)
+            stacks.append(_Stack(raw[id(module)] + ".", raw[id(source)] + ".", path + ".", folded))
     return sorted(stacks, key=lambda s: len(s.raw))
 
 
-def _fold(outer: AdapterLayer, tied: set[int]) -> tuple[nn.Module, torch.Tensor | None]:
-    """The module whose tensors the plain model holds at ``outer``'s place, and the summed update
-    of the enabled layers to add to its weight."""
-    update: torch.Tensor | None = None
+def _fold(outer: AdapterLayer, tied: set[int]) -> tuple[nn.Module, tuple[AdapterLayer, ...]]:
+    """The module whose tensors the plain model holds at ``outer``'s place, and the enabled layers
+    whose updates are added to its weight (each checked to be foldable)."""
+    folded: list[AdapterLayer] = []
     layer: nn.Module = outer
     while isinstance(layer, AdapterLayer):
         if isinstance(layer, SavedModule) and (layer.active or layer.merged):
-            return _no_nested(layer, layer.trained), update
+            return _no_nested(layer, layer.trained), tuple(folded)
         if layer.enabled and not isinstance(layer, SavedModule):
             reason = merge_blocker(layer, tied)
             if reason:
@@ -126,10 +133,9 @@ def _fold(outer: AdapterLayer, tied: set[int]) -> tuple[nn.Module, torch.Tensor 
                     f"adapter {layer.adapter_name!r} at {layer.path!r} cannot be folded into a "
                     f"plain model ({reason}); {_FIX}"
                 )
-            delta = layer.delta_weight().detach()
-            update = delta if update is None else update + delta
+            folded.append(layer)
         layer = layer.base
-    return _no_nested(outer, layer), update
+    return _no_nested(outer, layer), tuple(folded)
 
 
 def _no_nested(outer: AdapterLayer, source: nn.Module) -> nn.Module:
@@ -156,8 +162,8 @@ def _rename(
         if not key.startswith(stack.source):
             continue  # an adapter's own tensor, or the original a trained copy replaces
         name = stack.path + key[len(stack.source) :]
-        if stack.update is not None and name == stack.path + "weight":
-            tensor = tensor + stack.update.to(tensor.device, tensor.dtype)
+        if stack.folded and name == stack.path + "weight":
+            tensor = stack.fold(tensor)
         out[name] = tensor
     return out
 
