@@ -81,6 +81,17 @@ def test_the_plain_state_dict_has_the_plain_models_keys() -> None:
     assert torch.equal(plain["classifier.weight"], model.classifier.trained.weight)
 
 
+def test_a_given_state_dict_is_folded_or_written_as_it_is(tmp_path: Path) -> None:
+    case = CASES["bert"]
+    model = _adapted("bert")
+    model.save_pretrained(tmp_path / "own", state_dict=model.state_dict())  # as the Trainer may
+    _assert_reloads(case, model, tmp_path / "own")
+    model.save_pretrained(tmp_path / "plain", state_dict=peftkit.plain_state_dict(model))
+    _assert_reloads(case, model, tmp_path / "plain")
+    with pytest.raises(PlainModelError, match="neither this model's nor its plain model's"):
+        model.save_pretrained(tmp_path / "bad", state_dict={"no.such.weight": torch.zeros(1)})
+
+
 def test_a_merged_adapter_is_not_folded_twice(tmp_path: Path) -> None:
     model = _adapted("llama")
     peftkit.merge(model)

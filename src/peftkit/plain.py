@@ -80,9 +80,10 @@ def plain_state_dict(
             UserWarning,
             stacklevel=3,
         )
-    source = dict(model.state_dict() if state_dict is None else state_dict)
-    _check_keys(model, source, given=state_dict is not None)
-    return _rename(source, _stacks(model), _beside(model))
+    stacks, beside = _stacks(model), _beside(model)
+    if state_dict is None:
+        return _rename(model.state_dict(), stacks, beside)
+    return _given(model, dict(state_dict), stacks, beside)
 
 
 def _check_foldable(model: nn.Module, method: Method) -> None:
@@ -97,13 +98,22 @@ def _check_foldable(model: nn.Module, method: Method) -> None:
         )
 
 
-def _check_keys(model: nn.Module, source: dict[str, torch.Tensor], *, given: bool) -> None:
-    if given and not source.keys() <= model.state_dict().keys():
-        extra = sorted(source.keys() - model.state_dict().keys())[:3]
-        raise PlainModelError(
-            f"the state_dict given to save_pretrained has keys this model lacks ({extra}); pass "
-            "the model's own state_dict() or none (the plain state dict is built from it)"
-        )
+def _given(
+    model: nn.Module, given: dict[str, torch.Tensor], stacks: list[_Stack], beside: list[str]
+) -> dict[str, torch.Tensor]:
+    """A state dict passed to save_pretrained: the model's own keys are folded as the live state
+    dict would be; one that is plain already (``plain_state_dict``'s keys) is written as it is."""
+    own = model.state_dict()
+    if given.keys() <= own.keys():
+        return _rename(given, stacks, beside)
+    if given.keys() <= {_plain_name(k, stacks, beside) for k in own}:
+        return given
+    extra = sorted(given.keys() - own.keys())[:3]
+    raise PlainModelError(
+        f"the state_dict given to save_pretrained has keys that are neither this model's nor its "
+        f"plain model's ({extra}); pass the model's own state_dict(), peftkit.plain_state_dict(model), "
+        "or none"
+    )
 
 
 def _stacks(model: nn.Module) -> list[_Stack]:
@@ -149,20 +159,31 @@ def _beside(model: nn.Module) -> list[str]:
     return [name + "." for name, m in model.named_modules() if isinstance(m, AdapterModule)]
 
 
+def _owner(key: str, stacks: list[_Stack]) -> _Stack | None:
+    return next((s for s in stacks if key.startswith(s.raw)), None)
+
+
+def _plain_name(key: str, stacks: list[_Stack], beside: list[str]) -> str | None:
+    """The plain model's name for the raw ``key``, or None when no plain model has it (an
+    adapter's own tensor, the original a trained copy replaces, a prefix table)."""
+    stack = _owner(key, stacks)
+    if stack is None:
+        return None if any(key.startswith(b) for b in beside) else key
+    if not key.startswith(stack.source):
+        return None
+    return stack.path + key[len(stack.source) :]
+
+
 def _rename(
-    source: dict[str, torch.Tensor], stacks: list[_Stack], beside: list[str]
+    source: Mapping[str, torch.Tensor], stacks: list[_Stack], beside: list[str]
 ) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for key, tensor in source.items():
-        stack = next((s for s in stacks if key.startswith(s.raw)), None)
-        if stack is None:
-            if not any(key.startswith(b) for b in beside):
-                out[key] = tensor
+        name = _plain_name(key, stacks, beside)
+        if name is None:
             continue
-        if not key.startswith(stack.source):
-            continue  # an adapter's own tensor, or the original a trained copy replaces
-        name = stack.path + key[len(stack.source) :]
-        if stack.folded and name == stack.path + "weight":
+        stack = _owner(key, stacks)
+        if stack is not None and stack.folded and name == stack.path + "weight":
             tensor = stack.fold(tensor)
         out[name] = tensor
     return out
