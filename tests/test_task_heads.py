@@ -164,6 +164,27 @@ def test_all_linear_leaves_the_head_to_train_in_full() -> None:
     assert not any(p.startswith("classifier.") for p in paths)
 
 
+def test_a_suffix_that_also_names_head_layers_leaves_them_to_train_in_full() -> None:
+    torch.manual_seed(0)
+    model = _roberta_cls()
+    apply_lora(model, targets=["dense"])  # RoBERTa's head has a dense layer too
+    paths = [layer.path for layer in peftkit.adapters(model)["default"].layers]
+    assert "classifier" in paths and "classifier.dense" not in paths
+    assert any(p.endswith("attention.output.dense") for p in paths)
+
+
+def test_targeting_only_the_head_names_train_head_false() -> None:
+    model = CASES["bert"].build()
+    with pytest.raises(
+        peftkit.TargetError, match="only modules of the task head.*train_head=False"
+    ):
+        apply_lora(model, targets=["classifier"])
+    assert not peftkit.adapters(model)
+    apply_lora(model, targets=["classifier"], train_head=False)  # LoRA on the head itself
+    assert isinstance(model.classifier, peftkit.AdapterLayer)
+    assert not isinstance(model.classifier, SavedModule)
+
+
 def test_a_second_adapter_leaves_the_head_to_the_first() -> None:
     model = CASES["bert"].build()
     apply_lora(model, targets=["query"], adapter_name="a")
