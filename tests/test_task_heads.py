@@ -8,6 +8,7 @@ unless ``train_head=False``; a language model's output embeddings are never such
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -188,12 +189,16 @@ def test_targeting_only_the_head_names_train_head_false() -> None:
 def test_a_second_adapter_leaves_the_head_to_the_first() -> None:
     model = CASES["bert"].build()
     apply_lora(model, targets=["query"], adapter_name="a")
-    apply_lora(model, targets=["value"], adapter_name="b")
+    with pytest.warns(UserWarning, match="'classifier' already trains in full with adapter 'a'"):
+        apply_lora(model, targets=["value"], adapter_name="b")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        apply_lora(model, targets=["key"], adapter_name="c", train_head=False)
     owners = {
         name: [layer.path for layer in m.layers if isinstance(layer, SavedModule)]
         for name, m in peftkit.adapters(model).items()
     }
-    assert owners == {"a": ["classifier"], "b": []}
+    assert owners == {"a": ["classifier"], "b": [], "c": []}
 
 
 def test_full_fine_tuning_trains_the_head_in_place_or_as_a_copy() -> None:

@@ -29,9 +29,9 @@ from .methods.base import Method, merge_blocker, tied_parameter_ids
 from .targeting import iter_modules
 
 _FIX = (
-    "save the adapter with peftkit.save_adapter(model, directory) (peftkit.load_adapter puts it "
-    "back on the base model), or fold what can be folded with peftkit.merge_and_unload(model) and "
-    "save the plain model that leaves"
+    "save the adapters with peftkit.save_adapter(model, directory) (peftkit.load_adapter puts them "
+    "back on the base model); only adapters that fold into the weights save as a plain model, and "
+    "peftkit.merge_and_unload(model) folds those for good and reports the ones it cannot"
 )
 
 

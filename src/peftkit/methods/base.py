@@ -7,6 +7,7 @@ says which module types it supports and how to wrap one.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -89,7 +90,9 @@ class Method:
         copies owned by this adapter. ``in_place``: ids of base parameters this adapter trains in
         place (a head among them needs no copy)."""
         chosen = select_named(model, self.config.modules_to_save, "modules_to_save")
-        chosen += task_head_modules(model, self.config.train_head, chosen, in_place)
+        chosen += task_head_modules(
+            model, self.config.train_head, chosen, in_place, self.adapter_name
+        )
         check_called(model, chosen, "modules_to_save")
         for path, module in chosen:
             layer = SavedModule(module, self.adapter_name, path)
@@ -220,11 +223,27 @@ class SwapMethod(Method):
 C = TypeVar("C", bound=MethodConfig)
 
 
+def _warn_shared(found: list[tuple[str, nn.Module]], adapter_name: str) -> None:
+    """Say so when another adapter already trains the head: a model holds one trained copy per
+    module, so this adapter alone computes with the original, untrained head."""
+    for path, module in found:
+        if isinstance(module, SavedModule):
+            warnings.warn(
+                f"task head {path!r} already trains in full with adapter {module.adapter_name!r}; "
+                f"adapter {adapter_name!r} computes with that copy while {module.adapter_name!r} "
+                "is active and with the original head without it. Apply it to its own base model "
+                "to give it its own head, or pass train_head=False to share it knowingly",
+                UserWarning,
+                stacklevel=5,
+            )
+
+
 def task_head_modules(
     model: nn.Module,
     train_head: bool | None,
     chosen: list[tuple[str, nn.Module]],
     in_place: frozenset[int] = frozenset(),
+    adapter_name: str = "default",
 ) -> list[tuple[str, nn.Module]]:
     """The model's task head modules an adapter trains by default (see ``MethodConfig.train_head``).
 
@@ -240,6 +259,7 @@ def task_head_modules(
             f"train_head=True, but {type(model).__name__} has no task head beside its body; name "
             "the modules to train in modules_to_save, or leave train_head=None"
         )
+    _warn_shared(found, adapter_name)
     named = [path for path, _ in chosen]
     return [
         (path, module)
