@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,54 @@ def test_peftkits_own_calls_raise_no_future_warning(kind: str) -> None:
 
 def _cache_kwargs(model: nn.Module, output: object) -> dict[str, object]:
     return {_compat.cache_argument(model): _compat.output_cache(output)}
+
+
+@pytest.mark.parametrize(
+    ("kind", "heads"), [("bert", ["classifier"]), ("gpt2", []), ("llama", []), ("t5", [])]
+)
+def test_the_task_head_is_what_sits_beside_the_body(kind: str, heads: list[str]) -> None:
+    model = CASES[kind].build()
+    prefix = type(model).base_model_prefix
+    assert isinstance(prefix, str), _where("PreTrainedModel.base_model_prefix")
+    if kind in ("gpt2", "llama"):  # the language-model head is named by the output embeddings
+        assert model.get_output_embeddings() is model.lm_head, _where("get_output_embeddings()")
+    assert _compat.task_heads(model) == heads, _where("the body under base_model_prefix")
+
+
+def test_declared_tied_keys_are_read_in_either_form() -> None:
+    model = CASES["gpt2"].build()
+    declared = type(model)._tied_weights_keys
+    assert declared, _where("GPT2LMHeadModel._tied_weights_keys")
+    assert "lm_head" in _compat._tied_names(model), _where("_tied_weights_keys keys")
+
+
+def test_save_pretrained_writes_the_state_dict_it_is_given(tmp_path: Path) -> None:
+    from safetensors import safe_open
+
+    model = CASES["llama"].build()
+    assert _compat.save_pretrained_state_dict_argument(model), _where(
+        "save_pretrained(state_dict=)"
+    )
+    given = model.state_dict()
+    expected = given["model.norm.weight"] = given["model.norm.weight"] + 1.0
+    model.save_pretrained(tmp_path, state_dict=given)  # it may empty the dict as it writes
+    with safe_open(str(tmp_path / "model.safetensors"), framework="pt") as f:
+        written = f.get_tensor("model.norm.weight")
+    assert torch.equal(written, expected), _where("save_pretrained(state_dict=)")
+
+
+def test_the_hf_trainer_saves_through_the_models_own_save_pretrained(tmp_path: Path) -> None:
+    model = CASES["llama"].build()
+    calls: list[object] = []
+
+    def plain(module: nn.Module, state_dict: object) -> object:
+        calls.append(state_dict)
+        return module.state_dict() if state_dict is None else state_dict
+
+    assert _compat.hook_save_pretrained(model, plain)
+    args = transformers.TrainingArguments(str(tmp_path), report_to="none", use_cpu=True)
+    transformers.Trainer(model=model, args=args).save_model(str(tmp_path / "out"))
+    assert calls, _where("Trainer.save_model -> model.save_pretrained (looked up on the instance)")
+    assert (tmp_path / "out" / "model.safetensors").exists(), _where("Trainer.save_model's files")
+    _compat.unhook_save_pretrained(model)
+    assert "save_pretrained" not in model.__dict__

@@ -36,6 +36,7 @@ from .methods.base import MergeReport, Method, SwapMethod
 from .methods.full import FullConfig, apply_full
 from .methods.lora import LoraConfig, apply_lora
 from .methods.prefix import PrefixConfig, apply_prefix, fold_prefix
+from .plain import PlainModelError, plain_state_dict
 from .registry import methods, register_method
 from .summary import TrainableSummary, print_trainable_parameters, trainable_summary
 from .targeting import TargetError
@@ -56,6 +57,7 @@ __all__ = [
     "Method",
     "MethodConfig",
     "NonFiniteLossError",
+    "PlainModelError",
     "PrefixConfig",
     "SavedModule",
     "SwapMethod",
@@ -88,6 +90,7 @@ __all__ = [
     "merge_and_unload",
     "methods",
     "metrics",
+    "plain_state_dict",
     "print_trainable_parameters",
     "rank_pattern",
     "register_method",

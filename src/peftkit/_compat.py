@@ -19,6 +19,12 @@ The pieces and where they changed:
 - Activation checkpointing: ``activation_checkpointing_enable`` (5.x) or
   ``gradient_checkpointing_enable`` (4.x); the per-module flag is ``gradient_checkpointing``.
 - GPT-2's ``Conv1D``: ``transformers.pytorch_utils.Conv1D``.
+- Task heads: a ``*For*`` model holds its body under ``base_model_prefix`` and its head beside it;
+  ``get_output_embeddings()`` and ``_tied_weights_keys`` (a list up to 4.x, a dict in 5.x) name
+  the language-model head, which is pretrained or tied and so is not a task head.
+- ``save_pretrained(directory, state_dict=...)`` writes the given tensors under their keys; when
+  ``state_dict`` is None it reads ``self.state_dict()``. The HF Trainer's ``save_model`` and its
+  checkpoints call the model's ``save_pretrained`` (looked up on the instance).
 
 Nothing here imports transformers at module import time: ``import peftkit`` stays free of it.
 """
@@ -202,3 +208,79 @@ def conv1d_class() -> type | None:
     except ImportError as err:
         raise _missing("transformers.pytorch_utils.Conv1D", f"({err})") from None
     return Conv1D
+
+
+# -- task heads --------------------------------------------------------------------------------
+def _tied_names(model: nn.Module) -> set[str]:
+    """First components of the keys transformers declares tied (``lm_head`` of ``lm_head.weight``)."""
+    declared = getattr(model, "_tied_weights_keys", None) or ()
+    keys = list(declared.items()) if isinstance(declared, Mapping) else [(k, "") for k in declared]
+    return {str(target).split(".", 1)[0] for target, _ in keys}
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """Names of the children of an HF ``*For*`` model that form its task head, in model order.
+
+    The head is what sits beside the body (``model.<base_model_prefix>``) and owns parameters of
+    its own: BERT's ``classifier``, GPT-2's and Llama's ``score``, ``qa_outputs``, GPT-2's
+    ``multiple_choice_head``. A child sharing a parameter with the body, holding the output
+    embeddings, or declared tied (a language model's ``lm_head``, BERT's ``cls``) is not one.
+    A model that is its own body (``BertModel``, ``T5ForConditionalGeneration``) has none, and so
+    does any model that is not a transformers model.
+    """
+    prefix = getattr(type(model), "base_model_prefix", None)
+    body = model._modules.get(prefix) if isinstance(prefix, str) and prefix else None
+    if body is None or "transformers" not in sys.modules:
+        return []
+    taken = {id(p) for p in body.parameters()}
+    getter = getattr(model, "get_output_embeddings", None)
+    output = getter() if callable(getter) else None
+    if isinstance(output, nn.Module):
+        taken |= {id(p) for p in output.parameters()}
+    tied = _tied_names(model)
+    heads = []
+    for name, child in model.named_children():
+        params = {id(p) for p in child.parameters()}
+        if name != prefix and name not in tied and params and not params & taken:
+            heads.append(name)
+    return heads
+
+
+# -- save_pretrained ---------------------------------------------------------------------------
+def save_pretrained_state_dict_argument(model: nn.Module) -> bool:
+    """Whether ``model.save_pretrained`` (its class's) takes the ``state_dict`` to write."""
+    method = getattr(type(model), "save_pretrained", None)
+    return callable(method) and "state_dict" in inspect.signature(method).parameters
+
+
+def hook_save_pretrained(model: nn.Module, plain: Callable[[nn.Module, Any], Any]) -> bool:
+    """Make ``model.save_pretrained`` write ``plain(model, state_dict)`` instead of its raw state.
+
+    Only this instance changes (an attribute that shadows the class's method); nothing global is
+    patched. Returns False for a model without an HF ``save_pretrained``.
+    """
+    if not save_pretrained_state_dict_argument(model):
+        return False
+    model.__dict__["save_pretrained"] = _PlainSave(model, plain)
+    return True
+
+
+def unhook_save_pretrained(model: nn.Module) -> None:
+    """Undo ``hook_save_pretrained`` (no-op when it was not hooked)."""
+    if isinstance(model.__dict__.get("save_pretrained"), _PlainSave):
+        del model.__dict__["save_pretrained"]
+
+
+class _PlainSave:
+    """``model.save_pretrained`` of one hooked model. It holds the model itself (not a weak
+    reference) so that ``copy.deepcopy`` and pickling carry it over to the copy."""
+
+    def __init__(self, model: nn.Module, plain: Callable[[nn.Module, Any], Any]) -> None:
+        self.model = model
+        self.plain = plain
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        save = type(self.model).save_pretrained  # type: ignore[attr-defined]
+        call = inspect.signature(save).bind(self.model, *args, **kwargs)
+        call.arguments["state_dict"] = self.plain(self.model, call.arguments.get("state_dict"))
+        return save(*call.args, **call.kwargs)

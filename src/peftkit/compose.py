@@ -23,6 +23,7 @@ from torch import nn
 
 from .config import MethodConfig
 from .core import active_adapters, adapters, apply, attach, detach, set_active, unwrap_model
+from .layers import SavedModule
 from .methods.lora import Lora, LoraConfig, LoraLayer
 from .registry import spec_for_config
 
@@ -100,10 +101,12 @@ def _lora_sources(model: nn.Module, weights: Mapping[str, float]) -> list[tuple[
         method = present[name]
         if type(method) is not Lora:  # a subclass (AdaLoRA) may compute its update differently
             raise TypeError(f"combine_lora combines LoRA adapters; {name!r} is {method.name!r}")
-        if method.config.modules_to_save:
+        saved = [layer.path for layer in method.layers if isinstance(layer, SavedModule)]
+        if saved:
             raise ValueError(
-                f"combine_lora: {name!r} has modules_to_save {list(method.config.modules_to_save)}, "
-                "which are not low-rank; combine adapters without them"
+                f"combine_lora: {name!r} trains {saved} in full (modules_to_save, or the task head "
+                "by train_head), which are not low-rank; combine adapters applied with "
+                "train_head=False and without modules_to_save"
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"weight of {name!r} must be a number, got {weight!r}")

@@ -54,11 +54,20 @@ class MethodConfig:
 
     modules_to_save: modules (name suffixes, or ``re:<regex>`` full matches) trained in full and saved
         with the adapter, e.g. a freshly initialised task head. Each adapter trains its own copy.
+    train_head: whether the task head of an HF ``*For*`` model (a classifier, ``score``,
+        ``qa_outputs``...; never a language model's output embeddings) trains in full and is saved
+        with the adapter, as if listed in ``modules_to_save``. ``None`` (auto): when the model has
+        one and no earlier adapter holds it; ``True``: the same, but a model without one is an
+        error; ``False``: never.
     """
 
     modules_to_save: Sequence[str] = ()
+    train_head: bool | None = None
 
     method: ClassVar[str] = ""  # filled in by ``register_method``
+    # Keys a config written by an older version lacks, with the value that reproduces what that
+    # version did (before train_head existed no head trained unless listed in modules_to_save).
+    absent_means: ClassVar[dict[str, Any]] = {"train_head": False}
 
     def __new__(cls: type[C], *args: Any, **fields: Any) -> C:
         """Refuse keywords the class has no field for, naming the field to use instead.
@@ -75,6 +84,10 @@ class MethodConfig:
 
     def __post_init__(self) -> None:
         _check_patterns("modules_to_save", self.modules_to_save)
+        if self.train_head is not None and not isinstance(self.train_head, bool):
+            raise ValueError(
+                f"train_head must be None (auto), True or False, got {self.train_head!r}"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready field values (sequences become lists)."""
@@ -103,7 +116,9 @@ class MethodConfig:
                 f"{cls.__name__}: the saved config lacks required keys {missing} (written by "
                 "another version of the method?); re-save the adapter with the version you load with"
             )
-        return cls(**{k: _from_json(v) for k, v in data.items() if k in names})
+        given = {k: _from_json(v) for k, v in data.items() if k in names}
+        older = {k: v for k, v in cls.absent_means.items() if k in names and k not in data}
+        return cls(**{**older, **given})
 
 
 @dataclass(frozen=True, kw_only=True)

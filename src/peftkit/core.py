@@ -17,6 +17,7 @@ from typing import Literal, overload
 
 import torch
 from torch import nn
+from torch.utils.hooks import RemovableHandle
 
 from .config import MethodConfig
 from .layers import AdapterLayer
@@ -31,6 +32,7 @@ _NAME = re.compile(r"^[A-Za-z0-9_-]+$")
 class AdapterState:
     methods: dict[str, Method] = field(default_factory=dict)
     base_flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    load_guard: RemovableHandle | None = None
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -92,6 +94,7 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
     if state is None:
         state = AdapterState(base_flags=[(p, p.requires_grad) for p in model.parameters()])
         model.__dict__[STATE_ATTR] = state
+        _install_hooks(model, state)
         for p in model.parameters():
             p.requires_grad_(False)
     before = list(model.modules())
@@ -300,9 +303,23 @@ def unmerge(model: nn.Module) -> None:
         method.unmerge()
 
 
+def _install_hooks(model: nn.Module, state: AdapterState) -> None:
+    """An HF model's ``save_pretrained`` writes the plain model (``plain.plain_state_dict``), and
+    ``load_state_dict`` refuses a plain model's state dict, which would miss the adapters."""
+    from . import _compat, plain
+
+    _compat.hook_save_pretrained(model, plain.for_save_pretrained)
+    state.load_guard = model.register_load_state_dict_pre_hook(plain.refuse_plain_state)
+
+
 def _drop_state(model: nn.Module, state: AdapterState) -> None:
     for p, flag in state.base_flags:
         p.requires_grad_(flag)
+    if state.load_guard is not None:
+        state.load_guard.remove()
+    from . import _compat
+
+    _compat.unhook_save_pretrained(model)
     model.__dict__.pop(STATE_ATTR, None)
 
 

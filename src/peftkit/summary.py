@@ -9,6 +9,8 @@ from typing import Any
 from torch import nn
 
 from .core import adapters, unwrap_model
+from .layers import SavedModule
+from .methods.base import Method
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,7 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
             method=method.name,
             active=method.active,
             params=sum(p.numel() for p in method.parameters()),
-            details=method.describe(),
+            details=_details(method),
         )
         for name, method in adapters(model).items()
     ]
@@ -70,6 +72,13 @@ def trainable_summary(model: nn.Module) -> TrainableSummary:
         trainable=sum(p.numel() for p in unique.values() if p.requires_grad),
         adapters=rows,
     )
+
+
+def _details(method: Method) -> dict[str, Any]:
+    """The method's own facts, plus the modules it trains in full (``saved``: modules_to_save and
+    the task head, see ``MethodConfig.train_head``)."""
+    saved = [layer.path for layer in method.layers if isinstance(layer, SavedModule)]
+    return {**method.describe(), **({"saved": saved} if saved else {})}
 
 
 def print_trainable_parameters(model: nn.Module) -> None:

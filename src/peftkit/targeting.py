@@ -121,6 +121,28 @@ def output_head(model: nn.Module) -> nn.Module | None:
     return linears[-1] if linears else None
 
 
+def _leave_task_heads(
+    model: nn.Module, chosen: list[tuple[str, nn.Module]], config: TargetedConfig
+) -> list[tuple[str, nn.Module]]:
+    """Drop modules inside the task head, which trains in full (``MethodConfig.train_head``): an
+    adapter there would be idle, or would stand in for training it. A target that names nothing
+    but the head is an error naming ``train_head=False``."""
+    heads = _compat.task_heads(model) if config.train_head is not False else []
+    kept = [(n, m) for n, m in chosen if not _inside_any(n, heads)]
+    if config.targets != ALL_LINEAR:
+        only_head = [p for p in config.targets if not any(matches(n, p) for n, _ in kept)]
+        if only_head and len(kept) < len(chosen):
+            raise TargetError(
+                f"targets {only_head} select only modules of the task head {heads}, which trains "
+                "in full by default; pass train_head=False to adapt it with this method instead"
+            )
+    return kept
+
+
+def _inside_any(name: str, paths: Sequence[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in paths)
+
+
 def _unwrap(module: nn.Module) -> nn.Module:
     return module.base_layer() if isinstance(module, AdapterLayer) else module
 
@@ -143,6 +165,7 @@ def select(
     else:
         _check_each_target_matches(candidates, config.targets)
         chosen = [(n, m) for n, m in candidates if first_match(n, config.targets)]
+    chosen = _leave_task_heads(model, chosen, config)
     chosen = [(n, m) for n, m in chosen if not first_match(n, config.exclude)]
     chosen = [(n, m) for n, m in chosen if not first_match(n, config.modules_to_save)]
     chosen = _keep_layers(chosen, config)

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -217,7 +217,9 @@ def import_peft(
 def _attach_converted(
     model: nn.Module, converted: Converted, adapter_name: str, path: Path
 ) -> None:
-    method = spec_for_config(converted.config).method_cls(converted.config, adapter_name)
+    # What the peft file holds is what is applied: no task head besides its modules_to_save.
+    config = replace(converted.config, train_head=False)
+    method = spec_for_config(config).method_cls(config, adapter_name)
     method.load_extra_state(converted.state)
     attach(model, method)
     try:

@@ -330,6 +330,7 @@ class Adapter(Method):
             layers=cfg.layers,
             layers_pattern=cfg.layers_pattern,
             modules_to_save=cfg.modules_to_save,
+            train_head=cfg.train_head,
         )
         return select(model, narrowed, None, method="adapter")
 

@@ -7,6 +7,7 @@ says which module types it supports and how to wrap one.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -14,10 +15,12 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
+from .. import _compat
 from ..config import MethodConfig, TargetedConfig
 from ..layers import AdapterLayer, SavedModule
 from ..targeting import (
     check_called,
+    get_module,
     is_conv1d_class,
     remove_wrapper,
     select,
@@ -80,9 +83,16 @@ class Method:
         """Add this adapter to ``model`` (in place). The base stays frozen."""
         raise NotImplementedError
 
-    def inject_saved_modules(self, model: nn.Module) -> None:
-        """Wrap ``config.modules_to_save`` in trainable copies owned by this adapter."""
+    def inject_saved_modules(
+        self, model: nn.Module, in_place: frozenset[int] = frozenset()
+    ) -> None:
+        """Wrap ``config.modules_to_save``, and the task head (``config.train_head``), in trainable
+        copies owned by this adapter. ``in_place``: ids of base parameters this adapter trains in
+        place (a head among them needs no copy)."""
         chosen = select_named(model, self.config.modules_to_save, "modules_to_save")
+        chosen += task_head_modules(
+            model, self.config.train_head, chosen, in_place, self.adapter_name
+        )
         check_called(model, chosen, "modules_to_save")
         for path, module in chosen:
             layer = SavedModule(module, self.adapter_name, path)
@@ -161,7 +171,7 @@ class Method:
     def merge(self, model: nn.Module, *, unload: bool) -> MergeReport:
         """Fold mergeable layers into the base weights; with ``unload``, drop their wrappers too."""
         report = MergeReport()
-        tied = _tied_parameter_ids(model)
+        tied = tied_parameter_ids(model)
         kept = _kept_original_ids(model) if unload else set()
         for layer in list(self.layers):
             reason = merge_blocker(layer, tied) or _unload_blocker(layer, kept)
@@ -211,6 +221,53 @@ class SwapMethod(Method):
 
 
 C = TypeVar("C", bound=MethodConfig)
+
+
+def _warn_shared(found: list[tuple[str, nn.Module]], adapter_name: str) -> None:
+    """Say so when another adapter already trains the head: a model holds one trained copy per
+    module, so this adapter alone computes with the original, untrained head."""
+    for path, module in found:
+        if isinstance(module, SavedModule):
+            warnings.warn(
+                f"task head {path!r} already trains in full with adapter {module.adapter_name!r}; "
+                f"adapter {adapter_name!r} computes with that copy while {module.adapter_name!r} "
+                "is active and with the original head without it. Apply it to its own base model "
+                "to give it its own head, or pass train_head=False to share it knowingly",
+                UserWarning,
+                stacklevel=5,
+            )
+
+
+def task_head_modules(
+    model: nn.Module,
+    train_head: bool | None,
+    chosen: list[tuple[str, nn.Module]],
+    in_place: frozenset[int] = frozenset(),
+    adapter_name: str = "default",
+) -> list[tuple[str, nn.Module]]:
+    """The model's task head modules an adapter trains by default (see ``MethodConfig.train_head``).
+
+    A head is left out when the user already chose it (or a module inside it) in
+    ``modules_to_save``, when it holds adapter layers (an earlier adapter trains it, or this one
+    adapts it), or when this adapter trains its parameters in place.
+    """
+    if train_head is False:
+        return []
+    found = [(path, get_module(model, path)) for path in _compat.task_heads(model)]
+    if train_head and not found:
+        raise ValueError(
+            f"train_head=True, but {type(model).__name__} has no task head beside its body; name "
+            "the modules to train in modules_to_save, or leave train_head=None"
+        )
+    _warn_shared(found, adapter_name)
+    named = [path for path, _ in chosen]
+    return [
+        (path, module)
+        for path, module in found
+        if not any(n == path or n.startswith(path + ".") for n in named)
+        and not any(isinstance(m, AdapterLayer) for m in module.modules())
+        and not any(id(p) in in_place for p in module.parameters())
+    ]
 
 
 def apply_with(
@@ -297,7 +354,8 @@ def _forward_owner(module: nn.Module) -> str | None:
     return owner.__qualname__
 
 
-def _tied_parameter_ids(model: nn.Module) -> set[int]:
+def tied_parameter_ids(model: nn.Module) -> set[int]:
+    """Ids of parameters the model reaches under more than one name."""
     seen: set[int] = set()
     tied: set[int] = set()
     for _, p in model.named_parameters(remove_duplicate=False):

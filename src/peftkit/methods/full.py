@@ -200,7 +200,7 @@ class Full(Method):
                 f"adapter {self.adapter_name!r} would train weights that merged adapter layers "
                 f"were folded into ({', '.join(merged[:3])}); call peftkit.unmerge(model) first"
             )
-        self.inject_saved_modules(model)
+        self.inject_saved_modules(model, frozenset(id(p.get()) for p in chosen))
         if self.config.keep_original:
             with torch.no_grad():
                 self.held = {p.name: p.get().detach().clone() for p in chosen}
