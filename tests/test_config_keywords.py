@@ -128,9 +128,8 @@ MESSAGES: list[tuple[type[MethodConfig], dict[str, Any], str]] = [
         LoraConfig,
         {"task_type": "SEQ_CLS"},
         "LoraConfig has no field 'task_type'; peftkit has no task types: it adapts the model you "
-        "pass, whatever its head. To train a new head (AutoModelForSequenceClassification's), name "
-        "it in modules_to_save=['classifier'] ('score' on GPT-2 and Llama-family models); "
-        "TrainConfig(task=...) picks the loss",
+        "pass. The task head of an HF *For* model (classifier, score, qa_outputs) trains in full by "
+        "default (train_head=False keeps it frozen); TrainConfig(task=...) picks the loss",
     ),
     (
         LoraConfig,

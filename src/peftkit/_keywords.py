@@ -123,9 +123,9 @@ PEFT_NAMES: Mapping[str, PeftName] = {
     "num_transformer_submodules": PeftName(note=_SHAPES),
     # every method
     "task_type": PeftName(
-        note="peftkit has no task types: it adapts the model you pass, whatever its head. To train "
-        "a new head (AutoModelForSequenceClassification's), name it in modules_to_save=['classifier'] "
-        "('score' on GPT-2 and Llama-family models); TrainConfig(task=...) picks the loss"
+        note="peftkit has no task types: it adapts the model you pass. The task head of an HF "
+        "*For* model (classifier, score, qa_outputs) trains in full by default (train_head=False "
+        "keeps it frozen); TrainConfig(task=...) picks the loss"
     ),
     "inference_mode": PeftName(
         note="peftkit configs have no mode: call model.eval() and run under torch.no_grad(), or "
