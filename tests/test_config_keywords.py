@@ -108,7 +108,7 @@ MESSAGES: list[tuple[type[MethodConfig], dict[str, Any], str]] = [
         {"lora_alpha": 16},
         "PrefixConfig has no field 'lora_alpha'; peftkit calls it alpha= (AdaLoraConfig, "
         "LoraConfig), which PrefixConfig does not have; its fields are: modules_to_save, "
-        "prefix_length, mlp_hidden, init_std, init_token_ids, positions_after_prefix",
+        "train_head, prefix_length, mlp_hidden, init_std, init_token_ids, positions_after_prefix",
     ),
     (
         AdapterConfig,
@@ -145,8 +145,8 @@ MESSAGES: list[tuple[type[MethodConfig], dict[str, Any], str]] = [
     (
         PrefixConfig,
         {"zzz": 1},
-        "PrefixConfig has no field 'zzz'; its fields are: modules_to_save, prefix_length, "
-        "mlp_hidden, init_std, init_token_ids, positions_after_prefix",
+        "PrefixConfig has no field 'zzz'; its fields are: modules_to_save, train_head, "
+        "prefix_length, mlp_hidden, init_std, init_token_ids, positions_after_prefix",
     ),
 ]
 
