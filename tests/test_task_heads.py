@@ -21,7 +21,7 @@ import peftkit
 from peftkit import LoraConfig, SavedModule, apply_lora
 from peftkit.interop import export_peft
 
-from zoo import CASES, TinyMLP
+from zoo import CASES, TinyMLP, gpt2_config
 
 transformers = pytest.importorskip("transformers")
 
@@ -34,15 +34,7 @@ def _bert(cls: str, **extra: Any) -> nn.Module:
 
 
 def _gpt2(cls: str) -> nn.Module:
-    config = transformers.GPT2Config(
-        n_layer=2,
-        n_embd=32,
-        n_head=4,
-        vocab_size=50,
-        n_positions=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
+    config = gpt2_config()
     config.pad_token_id = 0
     return getattr(transformers, cls)(config)
 

@@ -67,20 +67,25 @@ class TinyTransformer(nn.Module):
         return self.lm_head(self.norm(x))
 
 
-def _gpt2() -> nn.Module:
-    from transformers import GPT2Config, GPT2LMHeadModel
+def gpt2_config() -> Any:
+    """The zoo's tiny GPT-2 configuration (2 layers, width 32, vocabulary 50)."""
+    from transformers import GPT2Config
 
-    return GPT2LMHeadModel(
-        GPT2Config(
-            n_layer=2,
-            n_embd=32,
-            n_head=4,
-            vocab_size=50,
-            n_positions=32,
-            bos_token_id=0,
-            eos_token_id=0,
-        )
+    return GPT2Config(
+        n_layer=2,
+        n_embd=32,
+        n_head=4,
+        vocab_size=50,
+        n_positions=32,
+        bos_token_id=0,
+        eos_token_id=0,
     )
+
+
+def _gpt2() -> nn.Module:
+    from transformers import GPT2LMHeadModel
+
+    return GPT2LMHeadModel(gpt2_config())
 
 
 def _bert() -> nn.Module:
