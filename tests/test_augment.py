@@ -345,3 +345,12 @@ def test_bad_tags_are_refused() -> None:
         aug(["a"], [0], rng=random.Random(0))
     with pytest.raises(ValueError, match="not an index into tag_names"):
         Augmenter([Swap()], tag_names=["O"])(["a"], [3], rng=random.Random(0))
+
+
+def test_prefetching_gives_the_same_neighbours_as_one_at_a_time() -> None:
+    weight = torch.randn(300, 16, generator=torch.Generator().manual_seed(1))
+    one = augment.EmbeddingNeighbours(weight, k=4, candidates=range(0, 300, 2))
+    many = augment.EmbeddingNeighbours(weight, k=4, candidates=range(0, 300, 2))
+    many.prefetch(list(range(300)), chunk=7)
+    assert all(one(i) == many(i) for i in range(300))
+    assert all(i not in one(i) and all(n % 2 == 0 for n in one(i)) for i in range(300))
