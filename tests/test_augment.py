@@ -354,3 +354,15 @@ def test_prefetching_gives_the_same_neighbours_as_one_at_a_time() -> None:
     many.prefetch(list(range(300)), chunk=7)
     assert all(one(i) == many(i) for i in range(300))
     assert all(i not in one(i) and all(n % 2 == 0 for n in one(i)) for i in range(300))
+
+
+def test_the_documentation_examples_run_as_written(capsys: pytest.CaptureFixture[str]) -> None:
+    import re
+    from pathlib import Path
+
+    page = (Path(__file__).resolve().parents[1] / "docs" / "augment.md").read_text()
+    blocks = re.findall(r"```python\n(.*?)```", page, flags=re.DOTALL)
+    assert len(blocks) == 2
+    for block in blocks:
+        exec(compile(block, "docs/augment.md", "exec"), {})
+    assert "'sentence'" in capsys.readouterr().out
