@@ -159,6 +159,7 @@ def study(args: argparse.Namespace, tokenizer: Any, template: Any, data: quality
             )
             print(f"  {n} sentences, {label}, seed {seed}", file=sys.stderr, flush=True)
             accs.append(run(template, tokenizer, data, data.train[:n], aug, seed, args.steps))
+            print(f"    dev accuracy {100 * accs[-1]:.2f}%", file=sys.stderr, flush=True)
         rows.append([f"{n:,}", label, quality.mean_spread(accs)])
     print(
         f"\nLoRA, {args.steps} steps x 32, lr {quality.DEFAULT_LR:g}, {args.seeds} seeds; "
