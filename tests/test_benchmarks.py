@@ -183,3 +183,16 @@ def test_quality_names_missing_data_files(tmp_path: Path) -> None:
 def test_trainer_overhead_smoke_compares_the_two_steps() -> None:
     out = run("trainer_overhead.py", "--smoke")
     assert "hand-written step" in out and "Trainer step" in out and "ratio" in out
+
+
+def test_augment_smoke_measures_the_overhead_and_runs_the_study(tmp_path: Path) -> None:
+    data = tmp_path / "sst2"
+    data.mkdir()
+    rows = "".join(f"{s}\t{y}\n" for s, y in SENTENCES)
+    (data / "train.tsv").write_text("sentence\tlabel\n" + rows * 4)
+    (data / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+    model = tiny_bert_dir(tmp_path / "bert")
+    out = run("augment.py", "--smoke", "--study", "--data", str(data), "--model", str(model))
+    assert "augment adds" in out and "ms per sentence" in out
+    for setting in ("none", "all four", "swap", "delete", "insert", "replace"):
+        assert f"| {setting}" in out

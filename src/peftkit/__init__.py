@@ -7,7 +7,7 @@ save_adapter(model, "out/")
 model = merge_and_unload(model)                          # plain model, no adapter overhead
 """
 
-from . import losses, metrics
+from . import augment, losses, metrics
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
 from .compose import combine_lora, compose, ensemble
@@ -77,6 +77,7 @@ __all__ = [
     "apply_full",
     "apply_lora",
     "apply_prefix",
+    "augment",
     "combine_lora",
     "compose",
     "delete_adapter",

@@ -298,10 +298,8 @@ class Trainer:
 
     def _epoch_batches(self, data: Any, spec: D.LoaderSpec | None) -> Iterable[Any]:
         p, seed = self.progress, self.config.seed
+        D.announce_epoch(data if spec is None else spec.dataset, p.epoch)
         if spec is None:
-            set_epoch = getattr(getattr(data, "sampler", None), "set_epoch", None)
-            if callable(set_epoch):
-                set_epoch(p.epoch)  # e.g. a DistributedSampler: a new order each epoch
             return D.skip(data, p.batch)
         sampler = D.ShardSampler(
             len(spec.dataset),

@@ -142,6 +142,15 @@ def batches_per_epoch(spec: LoaderSpec | None, data: Any, world: int) -> int | N
     return full + (1 if rest and not spec.drop_last else 0)
 
 
+def announce_epoch(data: Any, epoch: int) -> None:
+    """Tell a sampler or dataset with ``set_epoch`` (torch's DistributedSampler, an
+    ``augment.AugmentedDataset``) which epoch begins, so it can draw new choices for it."""
+    for owner in (getattr(data, "sampler", None), getattr(data, "dataset", None), data):
+        set_epoch = getattr(owner, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+
 def skip(iterable: Iterable[Any], n: int) -> Iterator[Any]:
     """``iterable`` without its first ``n`` items (resuming a plain iterable of batches)."""
     return itertools.islice(iter(iterable), n, None)
