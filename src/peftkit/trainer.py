@@ -87,8 +87,7 @@ class Trainer:
         self.regularizers = list(regularizers)
         self.collate_fn = collate_fn
         self.dist, self.device = distributed.setup(self.config.device)
-        if self.config.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision='fp16' needs CUDA (a gradient scaler); use 'bf16' on CPU")
+        checks.check_precision(self.config, self.device)
         self.progress = Progress()
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, float] = {}  # the last evaluation during fit

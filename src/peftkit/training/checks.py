@@ -9,10 +9,22 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from ..core import adapters
 from .config import TrainConfig
+
+
+def check_precision(config: TrainConfig, device: torch.device) -> None:
+    """fp16 needs CUDA (a gradient scaler); bf16 on CUDA needs a GPU with bfloat16 support."""
+    if config.precision == "fp16" and device.type != "cuda":
+        raise ValueError("precision='fp16' needs CUDA (a gradient scaler); use 'bf16' on CPU")
+    if config.precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError(
+            f"precision='bf16': {device} does not support bfloat16; use precision='fp16' (with "
+            "its gradient scaler) or 'fp32'"
+        )
 
 
 def check_output_dir(path: Path | None) -> None:

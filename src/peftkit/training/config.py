@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -121,7 +122,7 @@ class TrainConfig:
     patience: int | None = None
     min_delta: float = 0.0
 
-    output_dir: str | None = None
+    output_dir: str | os.PathLike[str] | None = None
     save_every: Every = "epoch"
     save_total_limit: int | None = 2
     load_best_at_end: bool = False
@@ -145,10 +146,20 @@ class TrainConfig:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self._check_flags()
         self._check_length()
         self._check_optimizer()
         self._check_evaluation()
         self._check_rest()
+
+    def _check_flags(self) -> None:
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
+            raise ValueError(
+                f"greater_is_better must be True, False or None, got {self.greater_is_better!r}"
+            )
 
     def _check_length(self) -> None:
         check_positive_int("epochs", self.epochs)
@@ -190,13 +201,6 @@ class TrainConfig:
             raise ValueError("load_best_at_end needs output_dir (the best adapter is saved there)")
 
     def _check_rest(self) -> None:
-        for name in _FLAGS:
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
-        if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
-            raise ValueError(
-                f"greater_is_better must be True, False or None, got {self.greater_is_better!r}"
-            )
         check_positive_int("log_every", self.log_every)
         check_positive_int("adv_steps", self.adv_steps)
         check_finite_number("adv_epsilon", self.adv_epsilon, positive=True)
@@ -205,8 +209,12 @@ class TrainConfig:
             check_positive_int("save_total_limit", self.save_total_limit)
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int):
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
-        if self.num_workers < 0 or isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError("num_workers must be >= 0 and seed an integer")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.output_dir is not None and not isinstance(self.output_dir, str | os.PathLike):
+            raise ValueError(f"output_dir must be a path (a str), got {self.output_dir!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
@@ -223,6 +231,8 @@ class TrainConfig:
         """JSON-ready field values."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["betas"] = list(self.betas)
+        if self.output_dir is not None:
+            out["output_dir"] = os.fspath(self.output_dir)
         return out
 
 
