@@ -359,7 +359,7 @@ class Trainer:
         """Write ``output_dir/checkpoint-<step>`` (adapter, optimiser, scheduler, scaler, RNG,
         progress); returns its path on the main process. Every process must call it."""
         state = {
-            "format": 1,
+            "format": S.CHECKSUM_FORMAT,
             "progress": dataclasses.asdict(self.progress),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": scheduler_state(self.scheduler),

@@ -31,7 +31,8 @@ from .state import STATE_JSON, load_weights
 # order and RNG streams, the best metric so far, the gradient scaler.
 REFUSED = ("optimizer", "seed", "metric_for_best", "greater_is_better")
 _REQUIRED = ("progress", "optimizer", "scheduler", "scaler", "rng")
-QUIET = ("progress", "log_every", "num_workers")  # honoured without a word: they change no result
+# Honoured without a word: they change no result (a run directory may be moved or copied).
+QUIET = ("progress", "log_every", "num_workers", "output_dir")
 _FIX = "start a new run in another output_dir, or set the model up as the run did"
 
 

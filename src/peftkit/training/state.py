@@ -40,6 +40,9 @@ from ..core import adapters, delete_adapter, load_adapter_state_dict
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+CHECKSUM_FORMAT = (
+    2  # the Trainer's state format from which trainer_state.safetensors has a checksum
+)
 _TENSOR, _ARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
 
 
@@ -114,7 +117,12 @@ def read_state(directory: Path) -> dict[str, Any]:
     text = json_path.read_text(encoding="utf-8", errors="replace")
     doc = _parse_state(text, json_path)
     tensors, meta = _read_state_tensors(tensor_path)
-    stored = meta.get(DIGEST_KEY)  # absent in older checkpoints: accepted
+    stored = meta.get(DIGEST_KEY)
+    if stored is None and _format(doc) >= CHECKSUM_FORMAT:  # older formats had no checksum
+        raise CheckpointError(
+            f"{tensor_path} has no checksum, though {STATE_JSON} says the Trainer wrote one (the "
+            f"file was rewritten by another tool?); {_EARLIER}"
+        )
     if stored is not None and stored != content_digest(tensors, text):
         raise CheckpointError(
             f"{directory}: {STATE_JSON} and {STATE_TENSORS} do not match the checksum written "
@@ -134,6 +142,11 @@ def read_state(directory: Path) -> dict[str, Any]:
 _EARLIER = "resume from an earlier checkpoint-N, or start a new run in another output_dir"
 
 
+def _format(doc: Any) -> int:
+    value = doc.get("format", 0) if isinstance(doc, dict) else 0
+    return value if isinstance(value, int) else 0
+
+
 def _parse_state(text: str, path: Path) -> Any:
     try:
         return json.loads(text)
@@ -145,19 +158,26 @@ def _parse_state(text: str, path: Path) -> Any:
 
 
 def _read_state_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    with open(path, "rb") as f:
-        head = f.read(4)
-    if head[:1] == b"\x80" or head == b"PK\x03\x04":
-        raise CheckpointError(
-            f"{path} is a pickle (torch.save) file, not safetensors; peftkit never unpickles (it "
-            f"can run code). {_EARLIER[0].upper()}{_EARLIER[1:]}"
-        )
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = f.metadata() or {}
             return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (not a dict)
     except (SafetensorError, OSError, ValueError) as err:
+        if _looks_pickled(path):
+            raise CheckpointError(
+                f"{path} is a pickle (torch.save) file, not safetensors; peftkit never unpickles "
+                f"(it can run code). {_EARLIER[0].upper()}{_EARLIER[1:]}"
+            ) from err
         raise CheckpointError(f"{path} is truncated or corrupt ({err}); {_EARLIER}") from err
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2 to 5) or torch.save's zip archive, judged by the first bytes only."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or (
+        head == b"PK\x03\x04"
+    )
 
 
 # -- weights ---------------------------------------------------------------------------------------
