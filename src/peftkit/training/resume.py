@@ -85,8 +85,8 @@ def open_checkpoint(
             "checkpoint-N, or start a new run in another output_dir"
         )
     check_same_setup(model, path)
-    check_config(path, state.get("config"), config)
     check_step(path, state, total)
+    check_config(path, state.get("config"), config)
     load_weights(model, path)
     run_dir.resume_log(int(state["progress"]["step"]))
     return state
