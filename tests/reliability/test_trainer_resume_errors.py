@@ -20,7 +20,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import peftkit
-from peftkit import CheckpointError, Trainer
+from peftkit import Trainer
 from peftkit.training import state as S
 
 from helpers import snapshot

@@ -58,8 +58,11 @@ def test_eval_iterable_that_yields_nothing_is_an_error_not_a_nan_loss() -> None:
 
 def test_evaluation_that_never_comes_with_load_best_at_end_is_refused(tmp_path: Path) -> None:
     config = lm_config(tmp_path, max_steps=3, eval_every=100, load_best_at_end=True)
-    _refused(lm_model(), config, r"load_best_at_end: eval_every=100 never comes in this run of 3 "
-             r"optimiser steps, so no best adapter would exist; set eval_every", eval_data=lm_data(4))  # fmt: skip
+    match = (
+        r"load_best_at_end: eval_every=100 never comes in this run of 3 optimiser steps, so no "
+        r"best adapter would exist; set eval_every"
+    )
+    _refused(lm_model(), config, match, eval_data=lm_data(4))
     assert not (tmp_path / "checkpoint-1").exists()
 
 
