@@ -28,7 +28,6 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
 from .core import regularizer, step_hooks
 from .losses.adversarial import EmbeddingAttack
 from .training import checks, distributed, evaluation, resume
@@ -378,7 +377,7 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        _check_same_parameters(state["optimizer"], self.optimizer)
+        resume.check_same_parameters(state["optimizer"], self.optimizer)
         fresh = resume.fresh_hyperparameters(self.optimizer)  # the config's, not the checkpoint's
         self.optimizer.load_state_dict(state["optimizer"])
         load_scheduler_state(self.scheduler, state["scheduler"])
@@ -407,17 +406,3 @@ class Trainer:
 
 def _due(every: int | str | None, step: int) -> bool:
     return isinstance(every, int) and step % every == 0
-
-
-def _check_same_parameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    """The saved optimiser state fits the reloaded model's trainable tensors, or a clear error."""
-    was = [len(g["params"]) for g in saved["param_groups"]]
-    now = [len(g["params"]) for g in optimizer.param_groups]
-    if was != now:
-        raise CheckpointError(
-            f"cannot resume: the checkpoint's optimiser state holds {sum(was)} trainable tensors "
-            f"(groups {was}), the reloaded model trains {sum(now)} (groups {now}). The adapters "
-            "changed since the run was saved, or a method saves its adapter in another form than it "
-            "trains in (prefix-tuning with mlp_hidden saves the folded prefix, not its MLP). Start "
-            "a fresh run; for a resumable prefix run, train it without mlp_hidden"
-        )

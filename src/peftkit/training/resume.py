@@ -190,3 +190,17 @@ def apply_hyperparameters(
     ):
         group["lr"] = base * schedule(step)
     scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]  # what get_last_lr() returns
+
+
+def check_same_parameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
+    """The saved optimiser state fits the reloaded model's trainable tensors, or a clear error."""
+    was = [len(g["params"]) for g in saved["param_groups"]]
+    now = [len(g["params"]) for g in optimizer.param_groups]
+    if was != now:
+        raise CheckpointError(
+            f"cannot resume: the checkpoint's optimiser state holds {sum(was)} trainable tensors "
+            f"(groups {was}), the reloaded model trains {sum(now)} (groups {now}). The adapters "
+            "changed since the run was saved, or a method saves its adapter in another form than it "
+            "trains in (prefix-tuning with mlp_hidden saves the folded prefix, not its MLP). Start "
+            "a fresh run; for a resumable prefix run, train it without mlp_hidden"
+        )
