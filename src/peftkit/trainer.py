@@ -28,13 +28,13 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointError
 from .core import regularizer, step_hooks
 from .losses.adversarial import EmbeddingAttack
+from .training import checks, distributed, evaluation, resume
 from .training import data as D
-from .training import distributed, evaluation
 from .training import state as S
 from .training.config import TrainConfig
+from .training.interrupt import StopRequest
 from .training.monitor import Monitor
 from .training.optim import (
     build_optimizer,
@@ -86,8 +86,7 @@ class Trainer:
         self.regularizers = list(regularizers)
         self.collate_fn = collate_fn
         self.dist, self.device = distributed.setup(self.config.device)
-        if self.config.precision == "fp16" and self.device.type != "cuda":
-            raise ValueError("precision='fp16' needs CUDA (a gradient scaler); use 'bf16' on CPU")
+        checks.check_precision(self.config, self.device)
         self.progress = Progress()
         self.history: list[dict[str, Any]] = []
         self.metrics: dict[str, float] = {}  # the last evaluation during fit
@@ -95,6 +94,7 @@ class Trainer:
         self.run_dir = RunDirectory(out, self.dist, self.config.save_total_limit)
         self.attack: EmbeddingAttack | None = None
         self._ddp: nn.parallel.DistributedDataParallel | None = None
+        self._stop = StopRequest()  # Ctrl-C during fit (installed there)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.config.precision == "fp16"
         )
@@ -202,7 +202,10 @@ class Trainer:
         """
         if self.config.patience is not None and eval_data is None:
             raise ValueError("early stopping (patience) needs eval_data")
+        checks.check_eval_data(self.config, eval_data)
+        checks.check_output_dir(self.run_dir.path)
         spec, total = self._plan(train_data)
+        checks.check_plan(self.raw, self.config, eval_data, total, self._per_epoch)
         was_training = self.raw.training
         self._start(total, resume_from)
         monitor = Monitor(
@@ -213,7 +216,8 @@ class Trainer:
             log_path=self.run_dir.log_path,
         )
         try:
-            stopped = self._loop(train_data, spec, eval_data, total, monitor)
+            with StopRequest() as self._stop:
+                stopped = self._loop(train_data, spec, eval_data, total, monitor)
         finally:
             self.raw.train(was_training)
             monitor.close()
@@ -238,9 +242,10 @@ class Trainer:
         then restore their state, the progress and the RNG states (last, so nothing disturbs them)."""
         S.seed_everything(self.config.seed + self.dist.rank)
         saved = self.run_dir.resume_path(resume_from)
-        state = self.run_dir.read(saved, self._settings()) if saved is not None else None
+        state = None
         if saved is not None:
-            S.load_weights(self.raw, saved)
+            args = (self.raw, self.config, self._settings(), total)
+            state = resume.open_checkpoint(self.run_dir, saved, *args)
         else:
             self.run_dir.start_fresh()
         prepared = prepare(self.raw, self.config, self.device, self.dist)
@@ -274,9 +279,12 @@ class Trainer:
                 evaluate, save = _due(cfg.eval_every, p.step), _due(cfg.save_every, p.step)
                 if self._milestone(evaluate, save, eval_data, monitor):
                     return True
+                if self._stop.due(self.dist, self.device):
+                    self._interrupted()
                 if p.step >= total:
                     break
             if seen == 0 and spec is None:
+                checks.data_ran_out(p.step, total)
                 break  # a one-shot iterable of batches is exhausted
             if p.step >= total and (self._per_epoch is None or p.batch < self._per_epoch):
                 return False  # stopped mid-epoch by max_steps
@@ -348,7 +356,7 @@ class Trainer:
         """Write ``output_dir/checkpoint-<step>`` (adapter, optimiser, scheduler, scaler, RNG,
         progress); returns its path on the main process. Every process must call it."""
         state = {
-            "format": 1,
+            "format": S.CHECKSUM_FORMAT,
             "progress": dataclasses.asdict(self.progress),
             "optimizer": self.optimizer.state_dict(),
             "scheduler": scheduler_state(self.scheduler),
@@ -367,34 +375,32 @@ class Trainer:
         }
 
     def _restore(self, state: dict[str, Any]) -> None:
-        _check_same_parameters(state["optimizer"], self.optimizer)
+        resume.check_same_parameters(state["optimizer"], self.optimizer)
+        fresh = resume.fresh_hyperparameters(self.optimizer)  # the config's, not the checkpoint's
         self.optimizer.load_state_dict(state["optimizer"])
         load_scheduler_state(self.scheduler, state["scheduler"])
+        resume.apply_hyperparameters(self.optimizer, self.scheduler, fresh)
         self.scaler.load_state_dict(state["scaler"])
         self.progress = Progress(**state["progress"])
         S.set_rng_state(state["rng"][self.dist.rank])
 
-    def _finish(self) -> None:
+    def _interrupted(self) -> None:
+        """After a Ctrl-C: save the step just taken (with output_dir) and raise KeyboardInterrupt."""
+        saved = self._save_unless_saved()
+        where = f"; saved {saved}, continue with fit(..., resume_from='latest')" if saved else ""
+        raise KeyboardInterrupt(f"training interrupted after step {self.progress.step}{where}")
+
+    def _save_unless_saved(self) -> Path | None:
         newest = self.run_dir.newest()
         if self.run_dir.path is not None and (newest is None or newest[0] != self.progress.step):
-            self.save_checkpoint()
+            return self.save_checkpoint()
+        return newest[1] if newest is not None else None
+
+    def _finish(self) -> None:
+        self._save_unless_saved()
         if self.config.load_best_at_end:
             self.run_dir.load_best(self.raw)
 
 
 def _due(every: int | str | None, step: int) -> bool:
     return isinstance(every, int) and step % every == 0
-
-
-def _check_same_parameters(saved: dict[str, Any], optimizer: torch.optim.Optimizer) -> None:
-    """The saved optimiser state fits the reloaded model's trainable tensors, or a clear error."""
-    was = [len(g["params"]) for g in saved["param_groups"]]
-    now = [len(g["params"]) for g in optimizer.param_groups]
-    if was != now:
-        raise CheckpointError(
-            f"cannot resume: the checkpoint's optimiser state holds {sum(was)} trainable tensors "
-            f"(groups {was}), the reloaded model trains {sum(now)} (groups {now}). The adapters "
-            "changed since the run was saved, or a method saves its adapter in another form than it "
-            "trains in (prefix-tuning with mlp_hidden saves the folded prefix, not its MLP). Start "
-            "a fresh run; for a resumable prefix run, train it without mlp_hidden"
-        )

@@ -360,6 +360,10 @@ class AdaLora(SwapMethod):
         penalty = orthogonality_penalty([la.P for la in layers], [la.Q for la in layers])
         return penalty * (self.config.orth_reg_weight / len(layers))
 
+    def planned_steps(self) -> int:
+        """The budget schedule runs over ``total_steps`` optimiser steps."""
+        return self.config.total_steps
+
     def on_step_end(self, model: nn.Module, step: int) -> None:
         """Update importance; on the schedule, mask to the budget b(step + 1). Then zero-cost."""
         self.last_step = step

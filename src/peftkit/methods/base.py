@@ -55,7 +55,8 @@ class Method:
             fine-tuning); its checkpoints then hold base tensors, but only the ones it trains.
     Hooks the training loop calls (override as needed):
         ``regularizer(model)`` -> a scalar added to the loss, or None;
-        ``on_step_end(model, step)`` after each optimiser step.
+        ``on_step_end(model, step)`` after each optimiser step;
+        ``planned_steps()`` the run length a step schedule is planned for, or None.
     """
 
     name: ClassVar[str] = ""
@@ -195,6 +196,14 @@ class Method:
         return None
 
     def on_step_end(self, model: nn.Module, step: int) -> None:
+        return None
+
+    def planned_steps(self) -> int | None:
+        """Optimiser steps the method's step schedule is planned for (None: it has none).
+
+        The Trainer compares it with the run's length: a shorter run is refused (the schedule
+        would be cut short), a longer one warned about.
+        """
         return None
 
     def describe(self) -> dict[str, Any]:

@@ -7,6 +7,8 @@ that names the fix and never rewrites a field. ``to_dict`` gives the JSON form s
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -26,6 +28,36 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "on_nonfinite": ("error", "skip"),
     "adversarial": (None, "fgm", "pgd"),
 }
+
+# What a user of transformers' TrainingArguments writes by habit, and TrainConfig's name for it.
+_HF_NAMES = {
+    "learning_rate": "lr",
+    "num_train_epochs": "epochs",
+    "per_device_train_batch_size": "batch_size",
+    "per_device_eval_batch_size": "eval_batch_size",
+    "gradient_accumulation_steps": "grad_accum",
+    "lr_scheduler_type": "schedule",
+    "optim": "optimizer",
+    "fp16": "precision",
+    "bf16": "precision",
+    "eval_steps": "eval_every",
+    "eval_strategy": "eval_every",
+    "evaluation_strategy": "eval_every",
+    "save_steps": "save_every",
+    "logging_steps": "log_every",
+    "load_best_model_at_end": "load_best_at_end",
+    "early_stopping_patience": "patience",
+    "dataloader_num_workers": "num_workers",
+}
+
+# Switches: a string such as "false" is truthy, so anything but a bool is refused.
+_FLAGS = (
+    "gradient_checkpointing",
+    "compile",
+    "load_best_at_end",
+    "progress",
+    "find_unused_parameters",
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -90,7 +122,7 @@ class TrainConfig:
     patience: int | None = None
     min_delta: float = 0.0
 
-    output_dir: str | None = None
+    output_dir: str | os.PathLike[str] | None = None
     save_every: Every = "epoch"
     save_total_limit: int | None = 2
     load_best_at_end: bool = False
@@ -102,14 +134,32 @@ class TrainConfig:
     num_workers: int = 0
     find_unused_parameters: bool = False
 
+    def __new__(cls, *args: Any, **fields: Any) -> TrainConfig:
+        """Refuse a keyword TrainConfig has no field for, naming the field to use instead."""
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [k for k in fields if k not in names]
+        if unknown:
+            raise TypeError("\n".join(_unknown_field(key, fields[key], names) for key in unknown))
+        return super().__new__(cls)
+
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self._check_flags()
         self._check_length()
         self._check_optimizer()
         self._check_evaluation()
         self._check_rest()
+
+    def _check_flags(self) -> None:
+        for name in _FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if self.greater_is_better is not None and not isinstance(self.greater_is_better, bool):
+            raise ValueError(
+                f"greater_is_better must be True, False or None, got {self.greater_is_better!r}"
+            )
 
     def _check_length(self) -> None:
         check_positive_int("epochs", self.epochs)
@@ -159,8 +209,12 @@ class TrainConfig:
             check_positive_int("save_total_limit", self.save_total_limit)
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int):
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
-        if self.num_workers < 0 or isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError("num_workers must be >= 0 and seed an integer")
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed must be an integer, got {self.seed!r}")
+        if self.output_dir is not None and not isinstance(self.output_dir, str | os.PathLike):
+            raise ValueError(f"output_dir must be a path (a str), got {self.output_dir!r}")
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
@@ -177,4 +231,19 @@ class TrainConfig:
         """JSON-ready field values."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["betas"] = list(self.betas)
+        if self.output_dir is not None:
+            out["output_dir"] = os.fspath(self.output_dir)
         return out
+
+
+def _unknown_field(key: str, value: Any, names: list[str]) -> str:
+    head = f"TrainConfig has no field {key!r}"
+    if key in _HF_NAMES:
+        field = _HF_NAMES[key]
+        if field == "precision":
+            return f"{head}; peftkit calls it precision= (did you mean precision={key!r}?)"
+        return f"{head}; peftkit calls it {field}= (did you mean {field}={value!r}?)"
+    close = difflib.get_close_matches(key, names, n=3, cutoff=0.6)
+    if close:
+        return f"{head}; did you mean {' or '.join(f'{c}=' for c in close)}?"
+    return f"{head}; its fields are: {', '.join(names)}"

@@ -40,10 +40,20 @@ def pick_device(name: str, local_rank: int = 0) -> torch.device:
     """``"auto"``: CUDA (this process's local GPU) when available, else CPU."""
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(
+            f"device={name!r} is not a device torch knows; use 'auto', 'cpu', 'cuda' or 'cuda:N'"
+        ) from err
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError("device='cuda' but CUDA is not available; use device='cpu'")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r}: this machine has {torch.cuda.device_count()} CUDA device(s); "
+                "use 'cuda' or an index below that"
+            )
         if device.index is None:
             device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)

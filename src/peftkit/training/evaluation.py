@@ -103,7 +103,12 @@ def evaluate(trainer: Trainer, data: Any) -> dict[str, float]:
         totals = distributed.mean(totals.to(trainer.device), where).cpu() * where.world
         preds = [p for part in distributed.gather(preds, where) for p in part]
         labels = [y for part in distributed.gather(labels, where) for y in part]
-    metrics = {"loss": float(totals[0] / totals[1]) if totals[1] else float("nan")}
+    if not totals[1]:
+        raise ValueError(
+            "eval_data yielded no examples, so there is no loss to report; pass a non-empty eval "
+            "set (a one-shot iterable is used up after one evaluation: pass a list or Dataset)"
+        )
+    metrics = {"loss": float(totals[0] / totals[1])}
     if trainer.compute_metrics is not None and labels:
         metrics.update(trainer.compute_metrics(concat(preds), concat(labels)))
     return metrics

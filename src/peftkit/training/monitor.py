@@ -74,6 +74,8 @@ def truncate_log(path: Path, step: int) -> None:
             record = json.loads(line)
         except json.JSONDecodeError:
             continue  # a line cut short when the run was killed
+        if not isinstance(record, dict) or not isinstance(record.get("step", 0), int):
+            continue  # not a record of this log (an edited file): dropped
         if record.get("step", 0) <= step:
             kept.append(line)
     path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")

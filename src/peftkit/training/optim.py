@@ -15,7 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..core import adapters, trainable_parameters
+from ..core import adapters
+from ..methods.base import Method
 from .config import TrainConfig
 
 _NORMS: tuple[type[nn.Module], ...] = (
@@ -29,12 +30,33 @@ _NORMS: tuple[type[nn.Module], ...] = (
 
 def parameters_to_train(model: nn.Module) -> list[nn.Parameter]:
     """The active adapters' parameters; for a model without adapters, those that require grad."""
-    if adapters(model):
-        return trainable_parameters(model)
+    methods = adapters(model)
+    if methods:
+        return _adapter_parameters(methods)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters; apply an adapter first")
     return params
+
+
+def _adapter_parameters(methods: dict[str, Method]) -> list[nn.Parameter]:
+    """Parameters of the active adapters that are not merged (a merged one gets no gradient)."""
+    merged = [n for n, m in methods.items() if m.active and any(la.merged for la in m.layers)]
+    skip = {id(p) for n in merged for p in methods[n].parameters()}
+    params = [p for m in methods.values() if m.active for p in m.parameters() if id(p) not in skip]
+    unique = list({id(p): p for p in params}.values())
+    if unique:
+        return unique
+    if merged:
+        raise ValueError(
+            f"adapter {', '.join(map(repr, merged))} is merged into the base weights, so training "
+            "would not change the model; unmerge first (peftkit.unmerge(model)) or apply a new "
+            "adapter"
+        )
+    raise ValueError(
+        f"every adapter is inactive ({', '.join(map(repr, methods))}), so nothing would train; "
+        f"activate one first, e.g. peftkit.set_active(model, {next(iter(methods))!r})"
+    )
 
 
 def decays(param: nn.Parameter, owner: nn.Module | None) -> bool:

@@ -88,12 +88,15 @@ class RunDirectory:
     def read(self, path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         """The training state in ``path``; ``settings`` must equal those it was saved with."""
         state = S.read_state(path)
-        changed = [f"{k} {state[k]} -> {v}" for k, v in settings.items() if state.get(k) != v]
+        changed = [f"{k} {state.get(k)} -> {v}" for k, v in settings.items() if state.get(k) != v]
         if changed:
             raise CheckpointError(
                 f"{path} was written by a run with other settings ({', '.join(changed)}); "
                 "resume with the same ones, or start a new run"
             )
-        if self.log_path is not None and self.where.main:
-            truncate_log(self.log_path, int(state["progress"]["step"]))
         return state
+
+    def resume_log(self, step: int) -> None:
+        """Drop log records a killed run wrote after ``step``, the step it resumes from."""
+        if self.log_path is not None and self.where.main:
+            truncate_log(self.log_path, step)

@@ -20,12 +20,17 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from ..checkpoint import (
+    _DIGEST_KEY as DIGEST_KEY,
+)
+from ..checkpoint import (
     CheckpointError,
     checkpoint_layout,
+    content_digest,
     load_adapter,
     read_checkpoint,
     save_adapter,
@@ -35,6 +40,9 @@ from ..core import adapters, delete_adapter, load_adapter_state_dict
 STATE_JSON = "trainer_state.json"
 STATE_TENSORS = "trainer_state.safetensors"
 TRAINABLE_WEIGHTS = "trainable_weights.safetensors"
+CHECKSUM_FORMAT = (
+    2  # the Trainer's state format from which trainer_state.safetensors has a checksum
+)
 _TENSOR, _ARRAY, _TUPLE, _ITEMS = "__tensor__", "__ndarray__", "__tuple__", "__items__"
 
 
@@ -84,24 +92,92 @@ def _key(key: Any) -> Any:
 
 
 def write_state(directory: Path, state: dict[str, Any]) -> None:
-    """Write ``state`` as ``trainer_state.json`` + ``trainer_state.safetensors`` in ``directory``."""
+    """Write ``state`` as ``trainer_state.json`` + ``trainer_state.safetensors`` in ``directory``.
+
+    The tensors file carries a SHA-256 of the JSON text and every tensor (``content_digest``, as
+    adapter checkpoints do), verified by ``read_state``.
+    """
     tensors: dict[str, torch.Tensor] = {}
-    doc = flatten(state, tensors)
-    save_file(tensors, str(directory / STATE_TENSORS))
-    (directory / STATE_JSON).write_text(json.dumps(doc, indent=1) + "\n", encoding="utf-8")
+    text = json.dumps(flatten(state, tensors), indent=1) + "\n"
+    meta = {DIGEST_KEY: content_digest(tensors, text)}
+    save_file(tensors, str(directory / STATE_TENSORS), metadata=meta)
+    (directory / STATE_JSON).write_text(text, encoding="utf-8")
 
 
 def read_state(directory: Path) -> dict[str, Any]:
+    """The training state written by ``write_state``, or a ``CheckpointError`` naming the file."""
     json_path, tensor_path = directory / STATE_JSON, directory / STATE_TENSORS
-    if not json_path.exists() or not tensor_path.exists():
+    missing = [p.name for p in (json_path, tensor_path) if not p.is_file()]
+    if missing:
         raise CheckpointError(
-            f"{directory} is not a training checkpoint (no {STATE_JSON}); pass a checkpoint-N "
-            "directory written by the Trainer, or resume_from='latest' with the same output_dir"
+            f"{directory} is not a training checkpoint (no {' or '.join(missing)}); pass a "
+            "checkpoint-N directory written by the Trainer, or resume_from='latest' with the "
+            "same output_dir"
         )
-    state = unflatten(json.loads(json_path.read_text(encoding="utf-8")), load_file(tensor_path))
+    text = json_path.read_text(encoding="utf-8", errors="replace")
+    doc = _parse_state(text, json_path)
+    tensors, meta = _read_state_tensors(tensor_path)
+    stored = meta.get(DIGEST_KEY)
+    if stored is None and _format(doc) >= CHECKSUM_FORMAT:  # older formats had no checksum
+        raise CheckpointError(
+            f"{tensor_path} has no checksum, though {STATE_JSON} says the Trainer wrote one (the "
+            f"file was rewritten by another tool?); {_EARLIER}"
+        )
+    if stored is not None and stored != content_digest(tensors, text):
+        raise CheckpointError(
+            f"{directory}: {STATE_JSON} and {STATE_TENSORS} do not match the checksum written "
+            f"when they were saved (edited or corrupt); {_EARLIER}"
+        )
+    try:
+        state = unflatten(doc, tensors)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(
+            f"{json_path} does not fit {tensor_path} ({err}); {_EARLIER}"
+        ) from err
     if not isinstance(state, dict):
-        raise CheckpointError(f"{json_path} is not a training state")
+        raise CheckpointError(f"{json_path} is not a training state; {_EARLIER}")
     return state
+
+
+_EARLIER = "resume from an earlier checkpoint-N, or start a new run in another output_dir"
+
+
+def _format(doc: Any) -> int:
+    value = doc.get("format", 0) if isinstance(doc, dict) else 0
+    return value if isinstance(value, int) else 0
+
+
+def _parse_state(text: str, path: Path) -> Any:
+    try:
+        return json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as err:
+        reason = "nested too deeply" if isinstance(err, RecursionError) else str(err)
+        raise CheckpointError(
+            f"{path} is truncated or not valid JSON ({reason}); {_EARLIER}"
+        ) from err
+
+
+def _read_state_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            meta = f.metadata() or {}
+            return {k: f.get_tensor(k) for k in f.keys()}, meta  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as err:
+        if _looks_pickled(path):
+            raise CheckpointError(
+                f"{path} is a pickle (torch.save) file, not safetensors; peftkit never unpickles "
+                f"(it can run code). {_EARLIER[0].upper()}{_EARLIER[1:]}"
+            ) from err
+        raise CheckpointError(f"{path} is truncated or corrupt ({err}); {_EARLIER}") from err
+
+
+def _looks_pickled(path: Path) -> bool:
+    """A pickle (protocol 2 to 5) or torch.save's zip archive, judged by the first bytes only."""
+    with open(path, "rb") as f:
+        head = f.read(4)
+    return (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")) or (
+        head == b"PK\x03\x04"
+    )
 
 
 # -- weights ---------------------------------------------------------------------------------------

@@ -115,11 +115,46 @@ def task_loss(
             "the batch has no labels: add a 'labels' entry (or an (inputs, labels) pair), set "
             "TrainConfig(task='causal_lm') for language modelling, or pass loss_fn=..."
         )
+    check_labels(task, logits, labels)
     if task == "regression":
         return mse(logits, labels)
     if task == "multi_label":
         return binary_cross_entropy(logits, labels)
     return cross_entropy(logits, labels)
+
+
+_EXPECTS = {
+    "classification": "integer class indices shaped like the logits without their last dim",
+    "regression": "float targets of shape (N,) for a one-output head, or shaped like the logits",
+    "multi_label": "0/1 float targets shaped like the logits",
+}
+
+
+def check_labels(task: str, logits: torch.Tensor, labels: torch.Tensor) -> None:
+    """Labels that fit ``task`` and ``logits``, or a ValueError naming both shapes and dtypes."""
+    if not isinstance(labels, torch.Tensor):
+        raise ValueError(
+            f"labels must be a tensor, got {type(labels).__name__}; batch them with torch's "
+            "default collation, or convert them with torch.tensor(...)"
+        )
+    shape, want = tuple(labels.shape), tuple(logits.shape)
+    if task == "classification":
+        ok_dtype = not labels.is_floating_point() and labels.dtype != torch.bool
+        ok_shape, fix = shape == want[:-1], "labels.long()" if not ok_dtype else ""
+    elif task == "regression":
+        ok_dtype = labels.is_floating_point()
+        ok_shape = shape == want or (want[-1:] == (1,) and shape == want[:-1])
+        fix = "labels.float()"
+    else:
+        ok_dtype, ok_shape, fix = True, shape == want, ""
+    if ok_dtype and ok_shape:
+        return
+    hint = f"; convert them ({fix})" if fix and not ok_dtype else ""
+    raise ValueError(
+        f"labels of shape {shape} and dtype {labels.dtype} do not fit logits of shape {want} "
+        f"for task {task!r}, which expects {_EXPECTS[task]}{hint}. Fix the labels, set "
+        "TrainConfig(task=...) to the task you mean, or pass loss_fn=..."
+    )
 
 
 def _get(batch: Any, key: str) -> torch.Tensor | None:
