@@ -165,6 +165,8 @@ def select(
     else:
         _check_each_target_matches(candidates, config.targets)
         chosen = [(n, m) for n, m in candidates if first_match(n, config.targets)]
+        _check_not_saved_too(chosen, config)
+    _check_each_target_matches(candidates, config.exclude, "exclude")
     chosen = _leave_task_heads(model, chosen, config)
     chosen = [(n, m) for n, m in chosen if not first_match(n, config.exclude)]
     chosen = [(n, m) for n, m in chosen if not first_match(n, config.modules_to_save)]
@@ -217,10 +219,30 @@ def check_called(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: 
                 )
 
 
+def _check_not_saved_too(chosen: list[tuple[str, nn.Module]], config: TargetedConfig) -> None:
+    """A module named by both targets and modules_to_save: it either trains in full or gets an
+    adapter, and which one the user meant is theirs to say."""
+    both = [n for n, _ in chosen if first_match(n, config.modules_to_save)]
+    if both:
+        raise TargetError(
+            f"{both[0]!r} is selected by both targets and modules_to_save: a module either trains "
+            "in full (modules_to_save) or gets an adapter (targets); remove it from one of them"
+        )
+
+
+def check_patterns_match(names: Sequence[str], patterns: Iterable[str], what: str) -> None:
+    """Every pattern (e.g. a ``rank_pattern`` key) matches one of ``names``, or a ``TargetError``
+    names the closest ones: a typo in a pattern must not be ignored."""
+    _check_names(list(names), patterns, what)
+
+
 def _check_each_target_matches(
     candidates: list[tuple[str, nn.Module]], patterns: Iterable[str], what: str = "target"
 ) -> None:
-    names = [n for n, _ in candidates]
+    _check_names([n for n, _ in candidates], patterns, what)
+
+
+def _check_names(names: list[str], patterns: Iterable[str], what: str) -> None:
     for pattern in patterns:
         if any(matches(n, pattern) for n in names):
             continue
@@ -244,8 +266,26 @@ def _keep_layers(
             f"layers={list(config.layers)}: no selected module sits in a block list named {where}; "
             "set layers_pattern to the name of the model's block list"
         )
+    present = sorted({i for _, _, i in indexed if i is not None})
+    absent = [i for i in config.layers if i not in present]
+    if absent:
+        raise TargetError(
+            f"layers={list(config.layers)}: no selected module sits in block {absent}; the "
+            f"selected modules sit in blocks {_spans(present)}. Use indices from that range"
+        )
     wanted = set(config.layers)
     return [(n, m) for n, m, i in indexed if i in wanted]
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _check_types(

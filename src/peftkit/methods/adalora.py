@@ -424,6 +424,9 @@ class AdaLora(SwapMethod):
         return {"rank": spread, "budget": f"{sum(ranks)} (target {self.final_budget})"}
 
     # -- merging and checkpoints -------------------------------------------------------------
+    def check_merge(self) -> None:
+        self.check_allocator_ran("merge")
+
     def merge(self, model: nn.Module, *, unload: bool) -> MergeReport:
         self.check_allocator_ran("merge")
         return super().merge(model, unload=unload)

@@ -19,7 +19,7 @@ from torch import nn
 from ..config import TargetedConfig, check_finite_number, check_positive_int, check_probability
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targeting import first_match, is_conv1d
+from ..targeting import check_patterns_match, first_match, is_conv1d
 from .base import SwapMethod, apply_with
 
 Init = Literal["kaiming", "gaussian"]
@@ -248,6 +248,11 @@ class Lora(SwapMethod):
 
     supported = (nn.Linear, nn.Embedding, nn.Conv2d)
     config: LoraConfig
+
+    def check_selection(self, paths: list[str]) -> None:
+        """Each rank_pattern / alpha_pattern key must match a module this adapter wraps."""
+        check_patterns_match(paths, self.config.rank_pattern, "rank_pattern key")
+        check_patterns_match(paths, self.config.alpha_pattern, "alpha_pattern key")
 
     def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
         cfg = self.config
