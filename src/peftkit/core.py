@@ -399,12 +399,24 @@ def load_adapter_state_dict(
     for name in chosen:  # unmerge would subtract the new update, not the one merged
         _check_not_merged(_method(model, name))
     own = adapter_state_dict(model, chosen)
+    check_tensors_fit({k: tuple(t.shape) for k, t in own.items()}, tensors)
+    inner = unwrap_model(model)
+    for name in chosen:
+        prefix = name + "."
+        mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _method(model, name).load_state_dict(inner, mine)
+
+
+def check_tensors_fit(
+    own: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Raise one ``ValueError`` naming every missing, unexpected or misshapen tensor."""
     problems = [f"missing {k}" for k in sorted(own.keys() - tensors.keys())]
     problems += [f"unexpected {k}" for k in sorted(tensors.keys() - own.keys())]
     problems += [
-        f"shape of {k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(t.shape)}"
-        for k, t in own.items()
-        if k in tensors and tensors[k].shape != t.shape
+        f"shape of {k}: checkpoint {tuple(tensors[k].shape)}, model {shape}"
+        for k, shape in own.items()
+        if k in tensors and tuple(tensors[k].shape) != shape
     ]
     if problems:
         more = f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
@@ -412,11 +424,29 @@ def load_adapter_state_dict(
             f"adapter tensors do not fit this model ({'; '.join(problems[:10])}{more}); "
             "was the checkpoint saved from another model?"
         )
-    inner = unwrap_model(model)
-    for name in chosen:
-        prefix = name + "."
-        mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-        _method(model, name).load_state_dict(inner, mine)
+
+
+def training_blocker(model: nn.Module) -> str | None:
+    """Why training ``model``'s adapters now would fail or train nothing, naming the fix; None
+    when nothing stands in the way (or the model has no adapters). A training loop calls it before
+    its first step (torch would only say "element 0 of tensors does not require grad")."""
+    methods = adapters(model)
+    if not methods:
+        return None
+    active = [m for m in methods.values() if m.active]
+    if not active:
+        return (
+            f"every adapter ({list(methods)}) is inactive, so nothing would train; "
+            "activate one with peftkit.set_active(model, name)"
+        )
+    merged = [m.adapter_name for m in active if any(layer.merged for layer in m.layers)]
+    if merged:
+        return (
+            f"adapter(s) {merged} are merged into the base weights (peftkit.merge), so their "
+            "parameters no longer reach the output and would not train; call "
+            "peftkit.unmerge(model) before training"
+        )
+    return None
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

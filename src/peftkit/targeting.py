@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
@@ -16,11 +17,14 @@ from torch import nn
 
 from . import _compat
 from .config import ALL_LINEAR, TargetedConfig
+from ._probe import skipped_aliases
 from .layers import AdapterLayer, AdapterModule
 
 # Block lists we recognise when ``layers`` is given: model.layers.3, transformer.h.3, encoder.layer.3,
 # encoder.block.3 (T5), blocks.3.
 LAYER_LISTS = ("layers", "h", "layer", "block", "blocks")
+# Longest time the patterns of one config field may take to match the model's module names.
+MATCH_BUDGET_S = 10.0
 
 
 class TargetError(ValueError):
@@ -207,6 +211,13 @@ def _bypasses_children(module: nn.Module) -> str | None:
 
 def check_called(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: str) -> None:
     """Refuse modules the model never calls: a wrapper there would be skipped without a word."""
+    for name, aliases in skipped_aliases(list(iter_modules(model)), [n for n, _ in chosen]):
+        leaf = aliases[0].rsplit(".", 1)[-1]
+        raise TargetError(
+            f"{method} cannot adapt {name!r}: the model's forward never calls it; "
+            f"{', '.join(aliases)} hold the same weight and run in its place, so an adapter "
+            f"there would be skipped. Target the modules that run instead, e.g. targets=[{leaf!r}]"
+        )
     for name, _ in chosen:
         parts = name.split(".")
         for depth in range(len(parts) - 1, -1, -1):
@@ -243,8 +254,9 @@ def _check_each_target_matches(
 
 
 def _check_names(names: list[str], patterns: Iterable[str], what: str) -> None:
+    start = time.monotonic()
     for pattern in patterns:
-        if any(matches(n, pattern) for n in names):
+        if _any_match(names, pattern, start, what):
             continue
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         close = difflib.get_close_matches(pattern.removeprefix("re:"), leaves, n=3, cutoff=0.5)
@@ -252,6 +264,24 @@ def _check_names(names: list[str], patterns: Iterable[str], what: str) -> None:
             f"closest names: {', '.join(close)}" if close else f"module names include: {leaves[:8]}"
         )
         raise TargetError(f"{what} {pattern!r} matched no module; {hint}")
+
+
+def _any_match(names: list[str], pattern: str, start: float, what: str) -> bool:
+    """Whether ``pattern`` matches one of ``names``, within ``MATCH_BUDGET_S`` from ``start``.
+
+    Configs refuse regexes that backtrack exponentially (``peftkit._patterns``); the budget bounds
+    what is left (many polynomial patterns over many names), so selection never hangs.
+    """
+    for name in names:
+        if matches(name, pattern):
+            return True
+        if time.monotonic() - start > MATCH_BUDGET_S:
+            raise TargetError(
+                f"matching {what} {pattern[:60]!r} against the model's module names took over "
+                f"{MATCH_BUDGET_S:g} s; use plainer patterns (name suffixes such as 'q_proj', or "
+                "regular expressions with fewer repetitions)"
+            )
+    return False
 
 
 def _keep_layers(
