@@ -25,6 +25,8 @@ The pieces and where they changed:
 - ``save_pretrained(directory, state_dict=...)`` writes the given tensors under their keys; when
   ``state_dict`` is None it reads ``self.state_dict()``. The HF Trainer's ``save_model`` and its
   checkpoints call the model's ``save_pretrained`` (looked up on the instance).
+- ``PreTrainedModel.dummy_inputs``: a dict of tiny example tensors the model can run on, used for
+  one trial forward that finds selected modules the forward never calls (T5's ``shared``).
 
 Nothing here imports transformers at module import time: ``import peftkit`` stays free of it.
 """

@@ -29,15 +29,16 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from ._document import CheckpointError, check_document, parse_json
-from ._version import __version__
+from ._document import CheckpointError as CheckpointError
+from ._document import check_document, parse_json
 from ._dryrun import planned_shapes
+from ._guards import check_tensors_fit, name_list
+from ._version import __version__
 from .core import (
     adapter_name_list,
     adapter_state_dict,
     adapters,
     attach,
-    check_tensors_fit,
     detach,
     load_adapter_state_dict,
 )
@@ -162,7 +163,7 @@ def load_adapter(
     directory saved by HF peft (``save_pretrained``) is imported with ``interop.import_peft``, as
     the adapter ``"default"`` or the one name in ``adapter_names``.
     """
-    wanted_names = _name_list(adapter_names)
+    wanted_names = None if adapter_names is None else name_list(adapter_names, "adapter_names")
     if checkpoint_layout(directory) == "peft":
         return _import_peft(model, Path(directory), wanted_names)
     doc, tensors = read_checkpoint(directory)
@@ -191,16 +192,6 @@ def load_adapter(
     for entry in entries:
         adapters(model)[entry["name"]].set_active(entry.get("active", True))
     return model
-
-
-def _name_list(names: str | Sequence[str] | None) -> list[str] | None:
-    """One str is one name, never its letters."""
-    if names is None:
-        return None
-    wanted = [names] if isinstance(names, str) else names
-    if not isinstance(wanted, Sequence) or not all(isinstance(n, str) for n in wanted):
-        raise TypeError(f"adapter_names must be a name or a list of names, got {names!r}")
-    return list(wanted)
 
 
 def _select(
@@ -288,7 +279,9 @@ def _check_directory(path: Path) -> tuple[str, str]:
             )
         inside = _checkpoints_inside(path)
         if inside:
-            shown = ", ".join(inside[-5:]) + (f" (and {len(inside) - 5} more)" if len(inside) > 5 else "")
+            shown = ", ".join(inside[-5:]) + (
+                f" (and {len(inside) - 5} more)" if len(inside) > 5 else ""
+            )
             raise CheckpointError(
                 f"{path} holds no {names[1]} but holds checkpoints: {shown}. It looks like a "
                 f"training run's output_dir; pass one of them, e.g. {str(path / inside[-1])!r}"

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._guards import adapters_blocker, check_tensors_fit, name_list, wrapper_kind
 from .config import MethodConfig
 from .layers import AdapterLayer
 from .methods.base import MergeReport, Method
@@ -44,26 +45,6 @@ def unwrap_model(model: nn.Module) -> nn.Module:
         if not isinstance(inner, nn.Module):
             return model
         model = inner
-
-
-def wrapper_kind(model: nn.Module) -> str | None:
-    """The name of the parallel or compiling wrapper ``model`` is (or holds), or None.
-
-    DistributedDataParallel / DataParallel copy or sync only the parameters that trained when they
-    were built, FSDP flattens and shards them, and ``torch.compile`` traced the module tree as it
-    was: an adapter injected below any of them would not be synced, sharded or compiled.
-    """
-    if isinstance(model, nn.parallel.DistributedDataParallel):
-        return "DistributedDataParallel"
-    if isinstance(model, nn.DataParallel):
-        return "DataParallel"
-    if isinstance(getattr(model, "_orig_mod", None), nn.Module):
-        return "torch.compile"
-    for module in model.modules():
-        fsdp = [c for c in type(module).__mro__ if c.__module__.startswith("torch.distributed.fsdp")]
-        if fsdp or hasattr(module, "_fsdp_wrapped_module"):
-            return f"FSDP ({(fsdp or [type(module)])[0].__name__})"
-    return None
 
 
 def adapter_state(model: nn.Module) -> AdapterState | None:
@@ -92,19 +73,9 @@ def _method(model: nn.Module, name: str) -> Method:
 def adapter_name_list(
     model: nn.Module, names: str | Sequence[str] | None, what: str = "adapter_names"
 ) -> list[str]:
-    """``names`` as a checked list: one str is one name (never split into letters), None is every
-    adapter. Every name is checked before the caller changes anything, so an unknown one among
-    several leaves the model as it was."""
-    state = _require(model)
-    if names is None:
-        return list(state.methods)
-    wanted = [names] if isinstance(names, str) else names
-    if not isinstance(wanted, Sequence) or not all(isinstance(n, str) for n in wanted):
-        raise TypeError(f"{what} must be a name or a list of names such as ['default'], got {names!r}")
-    unknown = [n for n in wanted if n not in state.methods]
-    if unknown:
-        raise KeyError(f"no adapter named {unknown}; the model has {list(state.methods)}")
-    return list(dict.fromkeys(wanted))
+    """``names`` checked against the model's adapters (see ``_guards.name_list``); None is all."""
+    known = list(_require(model).methods)
+    return known if names is None else name_list(names, what, known)
 
 
 def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
@@ -125,7 +96,7 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
         raise TypeError(
             f"the model is wrapped in {kind}; apply or load adapters before wrapping it (its "
             "gradients would not be synced, or the compiled graph would skip the adapter): "
-            "apply_lora(model, ...) first, then wrap the model"
+            "pass the unwrapped model, then wrap it"
         )
     state = adapter_state(model)
     adapter_name = method.adapter_name
@@ -407,46 +378,11 @@ def load_adapter_state_dict(
         _method(model, name).load_state_dict(inner, mine)
 
 
-def check_tensors_fit(
-    own: dict[str, tuple[int, ...]], tensors: dict[str, torch.Tensor]
-) -> None:
-    """Raise one ``ValueError`` naming every missing, unexpected or misshapen tensor."""
-    problems = [f"missing {k}" for k in sorted(own.keys() - tensors.keys())]
-    problems += [f"unexpected {k}" for k in sorted(tensors.keys() - own.keys())]
-    problems += [
-        f"shape of {k}: checkpoint {tuple(tensors[k].shape)}, model {shape}"
-        for k, shape in own.items()
-        if k in tensors and tuple(tensors[k].shape) != shape
-    ]
-    if problems:
-        more = f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(
-            f"adapter tensors do not fit this model ({'; '.join(problems[:10])}{more}); "
-            "was the checkpoint saved from another model?"
-        )
-
-
 def training_blocker(model: nn.Module) -> str | None:
-    """Why training ``model``'s adapters now would fail or train nothing, naming the fix; None
-    when nothing stands in the way (or the model has no adapters). A training loop calls it before
-    its first step (torch would only say "element 0 of tensors does not require grad")."""
-    methods = adapters(model)
-    if not methods:
-        return None
-    active = [m for m in methods.values() if m.active]
-    if not active:
-        return (
-            f"every adapter ({list(methods)}) is inactive, so nothing would train; "
-            "activate one with peftkit.set_active(model, name)"
-        )
-    merged = [m.adapter_name for m in active if any(layer.merged for layer in m.layers)]
-    if merged:
-        return (
-            f"adapter(s) {merged} are merged into the base weights (peftkit.merge), so their "
-            "parameters no longer reach the output and would not train; call "
-            "peftkit.unmerge(model) before training"
-        )
-    return None
+    """Why training ``model``'s adapters now would fail or train nothing, naming the fix; None when
+    nothing stands in the way (or the model has no adapters). A training loop calls it before its
+    first step (torch would only say "element 0 of tensors does not require grad")."""
+    return adapters_blocker(adapters(model))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

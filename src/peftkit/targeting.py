@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from . import _compat
-from .config import ALL_LINEAR, TargetedConfig
 from ._probe import skipped_aliases
+from .config import ALL_LINEAR, TargetedConfig
 from .layers import AdapterLayer, AdapterModule
 
 # Block lists we recognise when ``layers`` is given: model.layers.3, transformer.h.3, encoder.layer.3,

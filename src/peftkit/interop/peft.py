@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .._document import parse_json
 from ..checkpoint import (
     CheckpointError,
     _atomic_write,
@@ -35,7 +36,6 @@ from ..checkpoint import (
     _to_saveable,
     checkpoint_layout,
 )
-from .._document import parse_json
 from ..config import MethodConfig
 from ..core import adapters, attach, delete_adapter, load_adapter_state_dict, unwrap_model
 from ..layers import AdapterLayer
