@@ -8,6 +8,7 @@ Cases are listed in docs/reliability.md.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -230,17 +231,40 @@ def test_refused_apply_names_the_fix_and_leaves_the_model_as_it_was(case: str) -
     _assert_unchanged(model, before)
 
 
-def test_distributed_data_parallel_is_refused(tmp_path: Path) -> None:
+def _fsdp(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # FSDP's notes on CPU use and its successor
+        return FullyShardedDataParallel(model, device_id=torch.device("cpu"))
+
+
+def _fully_shard(model: nn.Module) -> nn.Module:
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(model)
+    return model
+
+
+DISTRIBUTED: dict[str, tuple[Callable[[nn.Module], nn.Module], str]] = {
+    "ddp": (nn.parallel.DistributedDataParallel, r"wrapped in DistributedDataParallel; apply or"),
+    "fsdp": (_fsdp, r"wrapped in FSDP \(FullyShardedDataParallel\); apply or load adapters"),
+    "fully-shard": (_fully_shard, r"wrapped in FSDP \(FSDPTinyTransformer\); apply or load"),
+}
+
+
+@pytest.mark.parametrize("case", list(DISTRIBUTED))
+def test_distributed_wrapper_is_refused(case: str, tmp_path: Path) -> None:
     import torch.distributed as dist
 
+    wrap, message = DISTRIBUTED[case]
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0, world_size=1)
     try:
-        model = _tiny()
-        before = _state(model)
-        wrapped = nn.parallel.DistributedDataParallel(model)
-        with pytest.raises(TypeError, match="wrapped in DistributedDataParallel; apply or load"):
+        wrapped = wrap(_tiny())
+        before = _state(wrapped)
+        with pytest.raises(TypeError, match=message):
             apply_lora(wrapped, targets=["q_proj"])
-        _assert_unchanged(model, before)
+        _assert_unchanged(wrapped, before)
     finally:
         dist.destroy_process_group()
 
