@@ -170,12 +170,7 @@ def load_adapter(
     entries = _select(doc["adapters"], wanted_names, directory)
     if wanted_names is not None:
         tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in wanted_names}
-    try:  # the config must fit the tensors before anything is allocated (see _dryrun)
-        planned = planned_shapes(model, lambda: [_build_method(e) for e in entries])
-        if planned is not None:
-            check_tensors_fit(planned, tensors)
-    except ValueError as err:
-        raise CheckpointError(f"{directory}: {err}") from err
+    _check_fit_before_building(model, entries, tensors, directory)
     applied: list[str] = []
     try:
         for entry in entries:
@@ -192,6 +187,21 @@ def load_adapter(
     for entry in entries:
         adapters(model)[entry["name"]].set_active(entry.get("active", True))
     return model
+
+
+def _check_fit_before_building(
+    model: nn.Module,
+    entries: list[dict[str, Any]],
+    tensors: dict[str, torch.Tensor],
+    directory: str | os.PathLike[str],
+) -> None:
+    """The configs must fit the file's tensors before anything real is allocated (see _dryrun)."""
+    try:
+        planned = planned_shapes(model, lambda: [_build_method(e) for e in entries])
+        if planned is not None:
+            check_tensors_fit(planned, tensors)
+    except ValueError as err:
+        raise CheckpointError(f"{directory}: {err}") from err
 
 
 def _select(
