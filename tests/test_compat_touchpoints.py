@@ -217,3 +217,14 @@ def test_the_hf_trainer_saves_through_the_models_own_save_pretrained(tmp_path: P
     assert (tmp_path / "out" / "model.safetensors").exists(), _where("Trainer.save_model's files")
     _compat.unhook_save_pretrained(model)
     assert "save_pretrained" not in model.__dict__
+
+
+@pytest.mark.parametrize("kind", ["t5", "gpt2"])
+def test_hf_models_offer_example_inputs_for_a_trial_forward(kind: str) -> None:
+    """The probe for modules the forward never calls (T5's ``shared``) runs on these."""
+    model = CASES[kind].build()
+    inputs = _compat.dummy_inputs(model)
+    assert inputs, _where("PreTrainedModel.dummy_inputs is gone or empty")
+    with torch.no_grad():
+        model(**inputs)  # the model runs on its own example inputs
+    assert _compat.dummy_inputs(nn.Linear(2, 2)) is None

@@ -262,7 +262,9 @@ def test_methods_with_runtime_state_are_reapplied_on_resume(
     with pytest.raises(Killed):
         run(tmp_path / "b", 5)
     model = run(tmp_path / "b", None, resume="latest")
-    assert restored == [{"live": 1}]
+    # Restored twice: on the meta-device skeleton that checks the sizes against the file (saved
+    # state such as AdaLoRA's ranks decides them), then on the model.
+    assert restored == [{"live": 1}] * 2
     for key, value in adapter_tensors(model).items():
         assert torch.equal(value, reference[key]), key
 

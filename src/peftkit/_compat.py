@@ -25,6 +25,8 @@ The pieces and where they changed:
 - ``save_pretrained(directory, state_dict=...)`` writes the given tensors under their keys; when
   ``state_dict`` is None it reads ``self.state_dict()``. The HF Trainer's ``save_model`` and its
   checkpoints call the model's ``save_pretrained`` (looked up on the instance).
+- ``PreTrainedModel.dummy_inputs``: a dict of tiny example tensors the model can run on, used for
+  one trial forward that finds selected modules the forward never calls (T5's ``shared``).
 
 Nothing here imports transformers at module import time: ``import peftkit`` stays free of it.
 """
@@ -284,3 +286,19 @@ class _PlainSave:
         call = inspect.signature(save).bind(self.model, *args, **kwargs)
         call.arguments["state_dict"] = self.plain(self.model, call.arguments.get("state_dict"))
         return save(*call.args, **call.kwargs)
+
+
+def dummy_inputs(model: nn.Module) -> dict[str, torch.Tensor] | None:
+    """Tiny example inputs an HF model offers for a trial forward (``PreTrainedModel.dummy_inputs``,
+    a dict of tensors), or None for other models or when the model cannot build them."""
+    if "transformers" not in sys.modules:
+        return None
+    try:
+        inputs = getattr(model, "dummy_inputs", None)
+    except (AttributeError, TypeError, ValueError, RuntimeError):  # a property that cannot build
+        return None
+    if not isinstance(inputs, Mapping) or not inputs:
+        return None
+    if not all(isinstance(v, torch.Tensor) for v in inputs.values()):
+        return None
+    return dict(inputs)

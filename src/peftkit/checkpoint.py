@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import uuid
 import warnings
 from collections.abc import Callable, Sequence
@@ -28,8 +29,19 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from ._document import CheckpointError as CheckpointError
+from ._document import check_document, parse_json
+from ._dryrun import planned_shapes
+from ._guards import check_tensors_fit, name_list
 from ._version import __version__
-from .core import adapter_state_dict, adapters, attach, detach, load_adapter_state_dict
+from .core import (
+    adapter_name_list,
+    adapter_state_dict,
+    adapters,
+    attach,
+    detach,
+    load_adapter_state_dict,
+)
 from .registry import spec
 
 CONFIG_NAME = "peftkit_config.json"
@@ -45,10 +57,6 @@ _PICKLE_NAMES = ("adapter_model.bin", "pytorch_model.bin", "adapter_model.pt", "
 
 
 Layout = Literal["peftkit", "peftkit-1", "peft"]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, unsafe, or does not fit the model."""
 
 
 def checkpoint_layout(directory: str | os.PathLike[str]) -> Layout | None:
@@ -76,13 +84,15 @@ def _json_doc(path: Path) -> dict[str, Any]:
     """The JSON object in ``path``; {} when it is missing, unreadable or not an object."""
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return {}
     return doc if isinstance(doc, dict) else {}
 
 
 def save_adapter(
-    model: nn.Module, directory: str | os.PathLike[str], adapter_names: Sequence[str] | None = None
+    model: nn.Module,
+    directory: str | os.PathLike[str],
+    adapter_names: str | Sequence[str] | None = None,
 ) -> Path:
     """Write the model's adapters (or the named ones) to ``directory``; returns the directory.
 
@@ -91,12 +101,9 @@ def save_adapter(
     ``adapter_names``: stacked adapters compute in that order.
     """
     methods = adapters(model)
-    wanted = list(adapter_names) if adapter_names is not None else list(methods)
-    if not wanted:
+    if not methods:
         raise ValueError("the model has no adapters to save; apply one first")
-    unknown = [n for n in wanted if n not in methods]
-    if unknown:
-        raise KeyError(f"no adapter named {unknown}; the model has {list(methods)}")
+    wanted = adapter_name_list(model, adapter_names)
     names = [n for n in methods if n in wanted]
     for name in names:
         methods[name].before_save(model)
@@ -148,7 +155,7 @@ def _metadata(path: Path) -> dict[str, str]:
 def load_adapter(
     model: nn.Module,
     directory: str | os.PathLike[str],
-    adapter_names: Sequence[str] | None = None,
+    adapter_names: str | Sequence[str] | None = None,
 ) -> nn.Module:
     """Apply the adapters saved in ``directory`` to ``model`` (a fresh base) and load their weights.
 
@@ -156,21 +163,21 @@ def load_adapter(
     directory saved by HF peft (``save_pretrained``) is imported with ``interop.import_peft``, as
     the adapter ``"default"`` or the one name in ``adapter_names``.
     """
+    wanted_names = None if adapter_names is None else name_list(adapter_names, "adapter_names")
     if checkpoint_layout(directory) == "peft":
-        return _import_peft(model, Path(directory), adapter_names)
+        return _import_peft(model, Path(directory), wanted_names)
     doc, tensors = read_checkpoint(directory)
-    entries = _select(doc["adapters"], adapter_names, directory)
+    entries = _select(doc["adapters"], wanted_names, directory)
+    if wanted_names is not None:
+        tensors = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in wanted_names}
+    _check_fit_before_building(model, entries, tensors, directory)
     applied: list[str] = []
     try:
         for entry in entries:
-            method = _build_method(entry)
-            attach(model, method)
+            attach(model, _build_method(entry))
             applied.append(entry["name"])
         # Loading every adapter: any tensor of an adapter the config does not list is unexpected.
-        wanted = tensors
-        if adapter_names is not None:
-            wanted = {k: v for k, v in tensors.items() if k.split(".", 1)[0] in applied}
-        load_adapter_state_dict(model, wanted, applied)
+        load_adapter_state_dict(model, tensors, applied)
     except ValueError as err:
         _roll_back(model, applied)
         raise CheckpointError(f"{directory}: {err}") from err
@@ -178,8 +185,23 @@ def load_adapter(
         _roll_back(model, applied)
         raise
     for entry in entries:
-        adapters(model)[entry["name"]].set_active(bool(entry.get("active", True)))
+        adapters(model)[entry["name"]].set_active(entry.get("active", True))
     return model
+
+
+def _check_fit_before_building(
+    model: nn.Module,
+    entries: list[dict[str, Any]],
+    tensors: dict[str, torch.Tensor],
+    directory: str | os.PathLike[str],
+) -> None:
+    """The configs must fit the file's tensors before anything real is allocated (see _dryrun)."""
+    try:
+        planned = planned_shapes(model, lambda: [_build_method(e) for e in entries])
+        if planned is not None:
+            check_tensors_fit(planned, tensors)
+    except ValueError as err:
+        raise CheckpointError(f"{directory}: {err}") from err
 
 
 def _select(
@@ -265,8 +287,33 @@ def _check_directory(path: Path) -> tuple[str, str]:
                 f"{path / pickled[0]} is a pickle file; peftkit never unpickles (it can run code). "
                 "Convert it to safetensors with code you trust, then load that"
             )
+        inside = _checkpoints_inside(path)
+        if inside:
+            shown = ", ".join(inside[-5:]) + (
+                f" (and {len(inside) - 5} more)" if len(inside) > 5 else ""
+            )
+            raise CheckpointError(
+                f"{path} holds no {names[1]} but holds checkpoints: {shown}. It looks like a "
+                f"training run's output_dir; pass one of them, e.g. {str(path / inside[-1])!r}"
+            )
         raise CheckpointError(f"{path} holds no {names[1]}")
     return names
+
+
+def _checkpoints_inside(path: Path) -> list[str]:
+    """Names of the subdirectories of ``path`` that hold a checkpoint, ``checkpoint-N`` by step."""
+    found = [
+        p.name
+        for p in path.iterdir()
+        if p.is_dir()
+        and (checkpoint_layout(p) is not None or re.fullmatch(r"checkpoint-\d+|best", p.name))
+    ]
+
+    def order(name: str) -> tuple[int, int, str]:
+        step = name.removeprefix("checkpoint-")
+        return (0, int(step), "") if step.isdigit() else (1, 0, name)
+
+    return sorted(found, key=order)
 
 
 def _read_weights(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -300,16 +347,14 @@ def content_digest(tensors: dict[str, torch.Tensor], text: str | None) -> str:
 
 def _parse_config(text: str, json_path: Path) -> dict[str, Any]:
     path = json_path.parent
-    try:
-        doc = json.loads(text)
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{json_path} is not valid JSON ({err})") from err
+    doc = parse_json(text, json_path)
     if isinstance(doc, dict) and "peft_type" in doc:
         raise CheckpointError(
             f"{path} is an HF peft checkpoint; load it with peftkit.interop.import_peft(model, dir)"
         )
     if not isinstance(doc, dict) or doc.get("format") != FORMAT:
         raise CheckpointError(f"{json_path} is not a peftkit adapter config")
+    check_document(doc, json_path, FORMAT_VERSION)
     if doc.get("format_version", 0) > FORMAT_VERSION:
         warnings.warn(
             f"{path} uses checkpoint format {doc['format_version']} (newer than "
@@ -317,16 +362,6 @@ def _parse_config(text: str, json_path: Path) -> dict[str, Any]:
             UserWarning,
             stacklevel=4,
         )
-    entries = doc.get("adapters")
-    if not isinstance(entries, list) or not entries:
-        raise CheckpointError(f"{json_path} lists no adapters")
-    for entry in entries:
-        lacking = [k for k in ("name", "method", "config") if k not in entry]
-        if lacking:
-            raise CheckpointError(
-                f"{json_path}: an adapter entry lacks {lacking}; each entry needs name, "
-                "method and config (re-save the adapter with peftkit.save_adapter)"
-            )
     return doc
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar, TypeVar
 
 from ._keywords import init_fields, unknown_keywords_error
+from ._patterns import check_regex
 
 C = TypeVar("C", bound="MethodConfig")
 
@@ -27,8 +28,15 @@ def _check_patterns(name: str, value: object) -> None:
             f"{name} must be a list of module names, e.g. {name}=['q_proj'], got {value!r}"
         )
     for item in value:
-        if not isinstance(item, str) or not item:
-            raise ValueError(f"{name} entries must be non-empty strings, got {item!r}")
+        check_pattern(name, item)
+
+
+def check_pattern(name: str, item: object) -> None:
+    """One module pattern: a non-empty name suffix, or ``re:<regex>`` of bounded cost."""
+    if not isinstance(item, str) or not item:
+        raise ValueError(f"{name} entries must be non-empty strings, got {item!r}")
+    if item.startswith("re:"):
+        check_regex(f"{name} entry {item[:40]!r}", item[3:])
 
 
 def check_positive_int(name: str, value: object) -> None:
@@ -37,7 +45,8 @@ def check_positive_int(name: str, value: object) -> None:
 
 
 def check_probability(name: str, value: object) -> None:
-    if not isinstance(value, (int, float)) or not 0.0 <= float(value) < 1.0:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0.0 <= float(value) < 1.0:  # type: ignore[arg-type]
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
 
 
@@ -155,7 +164,9 @@ class TargetedConfig(MethodConfig):
             bad = [i for i in self.layers if isinstance(i, bool) or not isinstance(i, int) or i < 0]
             if bad or isinstance(self.layers, str):
                 raise ValueError(f"layers must be non-negative block indices, got {self.layers!r}")
-        if self.layers_pattern is not None and not self.layers_pattern:
+        if self.layers_pattern is not None and (
+            not isinstance(self.layers_pattern, str) or not self.layers_pattern
+        ):
             raise ValueError("layers_pattern must be a non-empty name such as 'layers'")
 
 

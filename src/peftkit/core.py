@@ -19,13 +19,14 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from ._guards import adapters_blocker, check_tensors_fit, name_list, wrapper_kind
 from .config import MethodConfig
 from .layers import AdapterLayer
 from .methods.base import MergeReport, Method
 from .registry import spec_for_config
 
 STATE_ATTR = "_peftkit"
-_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
 
 
 @dataclass
@@ -62,9 +63,19 @@ def _require(model: nn.Module) -> AdapterState:
 
 def _method(model: nn.Module, name: str) -> Method:
     state = _require(model)
+    if not isinstance(name, str):
+        raise TypeError(f"an adapter name is a str such as 'default', got {name!r}")
     if name not in state.methods:
         raise KeyError(f"no adapter named {name!r}; the model has {list(state.methods)}")
     return state.methods[name]
+
+
+def adapter_name_list(
+    model: nn.Module, names: str | Sequence[str] | None, what: str = "adapter_names"
+) -> list[str]:
+    """``names`` checked against the model's adapters (see ``_guards.name_list``); None is all."""
+    known = list(_require(model).methods)
+    return known if names is None else name_list(names, what, known)
 
 
 def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default") -> nn.Module:
@@ -80,10 +91,16 @@ def apply(model: nn.Module, config: MethodConfig, adapter_name: str = "default")
 
 def attach(model: nn.Module, method: Method) -> nn.Module:
     """Inject an already constructed ``method`` (``apply`` does this; checkpoints restore state first)."""
-    model = unwrap_model(model)
+    kind = wrapper_kind(model)
+    if kind is not None:
+        raise TypeError(
+            f"the model is wrapped in {kind}; apply or load adapters before wrapping it (its "
+            "gradients would not be synced, or the compiled graph would skip the adapter): "
+            "pass the unwrapped model, then wrap it"
+        )
     state = adapter_state(model)
     adapter_name = method.adapter_name
-    if not isinstance(adapter_name, str) or not _NAME.match(adapter_name):
+    if not isinstance(adapter_name, str) or not _NAME.fullmatch(adapter_name):
         raise ValueError(f"adapter_name {adapter_name!r} must be letters, digits, '_' or '-'")
     if state is not None and adapter_name in state.methods:
         raise ValueError(
@@ -142,11 +159,8 @@ def active_adapters(model: nn.Module) -> list[str]:
 
 def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     """Make exactly ``names`` active; the others stop contributing and stop training."""
-    wanted = [names] if isinstance(names, str) else list(names)
+    wanted = adapter_name_list(model, names, "names")
     state = _require(model)
-    unknown = [n for n in wanted if n not in state.methods]
-    if unknown:
-        raise KeyError(f"no adapter named {unknown}; the model has {list(state.methods)}")
     inner = unwrap_model(model)
     for name, method in state.methods.items():
         if method.active != (name in wanted):  # a merged update stays in the weights either way
@@ -231,7 +245,7 @@ def unload(model: nn.Module) -> nn.Module:
     return unwrap_model(model)
 
 
-def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> MergeReport:
+def merge(model: nn.Module, adapter_names: str | Sequence[str] | None = None) -> MergeReport:
     """Fold active (or the named) adapters into the base weights, keeping the wrappers for ``unmerge``.
 
     Forward then costs the base's compute only. What cannot be merged stays active and is reported.
@@ -241,18 +255,21 @@ def merge(model: nn.Module, adapter_names: Sequence[str] | None = None) -> Merge
 
 @overload
 def merge_and_unload(
-    model: nn.Module, adapter_names: Sequence[str] | None = None, *, report: Literal[False] = False
+    model: nn.Module,
+    adapter_names: str | Sequence[str] | None = None,
+    *,
+    report: Literal[False] = False,
 ) -> nn.Module: ...
 
 
 @overload
 def merge_and_unload(
-    model: nn.Module, adapter_names: Sequence[str] | None = None, *, report: Literal[True]
+    model: nn.Module, adapter_names: str | Sequence[str] | None = None, *, report: Literal[True]
 ) -> tuple[nn.Module, MergeReport]: ...
 
 
 def merge_and_unload(
-    model: nn.Module, adapter_names: Sequence[str] | None = None, *, report: bool = False
+    model: nn.Module, adapter_names: str | Sequence[str] | None = None, *, report: bool = False
 ) -> nn.Module | tuple[nn.Module, MergeReport]:
     """Fold active (or the named) adapters into the weights and remove their layers: a plain model.
 
@@ -281,14 +298,15 @@ def merge_and_unload(
     return unwrap_model(model)
 
 
-def _merge(model: nn.Module, names: Sequence[str] | None, *, unload: bool) -> MergeReport:
+def _merge(model: nn.Module, names: str | Sequence[str] | None, *, unload: bool) -> MergeReport:
     state = _require(model)
     inner = unwrap_model(model)
-    chosen = list(names) if names is not None else active_adapters(model)
+    chosen = adapter_name_list(model, names) if names is not None else active_adapters(model)
+    for name in chosen:  # every refusal before the first change
+        state.methods[name].check_merge()
     report = MergeReport()
     for name in chosen:
-        method = _method(model, name)
-        report.extend(method.merge(inner, unload=unload))
+        report.extend(state.methods[name].merge(inner, unload=unload))
     if unload:
         for name in [n for n, m in state.methods.items() if m.is_empty()]:
             del state.methods[name]
@@ -325,10 +343,11 @@ def _drop_state(model: nn.Module, state: AdapterState) -> None:
 
 # -- tensors ------------------------------------------------------------------------------------
 def adapter_state_dict(
-    model: nn.Module, adapter_names: Sequence[str] | None = None
+    model: nn.Module, adapter_names: str | Sequence[str] | None = None
 ) -> dict[str, torch.Tensor]:
     """Every owned tensor keyed ``<adapter>.<module path>.<local name>`` (live tensors, not copies)."""
-    chosen = list(adapter_names) if adapter_names is not None else list(adapters(model))
+    chosen = adapter_name_list(model, adapter_names) if adapter_names is not None else []
+    chosen = chosen if adapter_names is not None else list(adapters(model))
     inner = unwrap_model(model)
     out: dict[str, torch.Tensor] = {}
     for name in chosen:
@@ -340,35 +359,30 @@ def adapter_state_dict(
 def load_adapter_state_dict(
     model: nn.Module,
     tensors: dict[str, torch.Tensor],
-    adapter_names: Sequence[str] | None = None,
+    adapter_names: str | Sequence[str] | None = None,
 ) -> None:
     """Copy ``tensors`` (as from ``adapter_state_dict``) into the model's (or the named) adapters.
 
     Missing keys, unexpected keys and shape mismatches raise one error naming every offending tensor;
     nothing is copied unless everything fits.
     """
-    chosen = list(adapter_names) if adapter_names is not None else list(adapters(model))
+    chosen = adapter_name_list(model, adapter_names)
     for name in chosen:  # unmerge would subtract the new update, not the one merged
         _check_not_merged(_method(model, name))
     own = adapter_state_dict(model, chosen)
-    problems = [f"missing {k}" for k in sorted(own.keys() - tensors.keys())]
-    problems += [f"unexpected {k}" for k in sorted(tensors.keys() - own.keys())]
-    problems += [
-        f"shape of {k}: checkpoint {tuple(tensors[k].shape)}, model {tuple(t.shape)}"
-        for k, t in own.items()
-        if k in tensors and tensors[k].shape != t.shape
-    ]
-    if problems:
-        more = f"; ... {len(problems) - 10} more" if len(problems) > 10 else ""
-        raise ValueError(
-            f"adapter tensors do not fit this model ({'; '.join(problems[:10])}{more}); "
-            "was the checkpoint saved from another model?"
-        )
+    check_tensors_fit({k: tuple(t.shape) for k, t in own.items()}, tensors)
     inner = unwrap_model(model)
     for name in chosen:
         prefix = name + "."
         mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         _method(model, name).load_state_dict(inner, mine)
+
+
+def training_blocker(model: nn.Module) -> str | None:
+    """Why training ``model``'s adapters now would fail or train nothing, naming the fix; None when
+    nothing stands in the way (or the model has no adapters). A training loop calls it before its
+    first step (torch would only say "element 0 of tensors does not require grad")."""
+    return adapters_blocker(adapters(model))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

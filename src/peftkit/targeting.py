@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import difflib
 import re
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from . import _compat
+from ._probe import skipped_aliases
 from .config import ALL_LINEAR, TargetedConfig
 from .layers import AdapterLayer, AdapterModule
 
 # Block lists we recognise when ``layers`` is given: model.layers.3, transformer.h.3, encoder.layer.3,
 # encoder.block.3 (T5), blocks.3.
 LAYER_LISTS = ("layers", "h", "layer", "block", "blocks")
+# Longest time the patterns of one config field may take to match the model's module names.
+MATCH_BUDGET_S = 10.0
 
 
 class TargetError(ValueError):
@@ -165,6 +169,8 @@ def select(
     else:
         _check_each_target_matches(candidates, config.targets)
         chosen = [(n, m) for n, m in candidates if first_match(n, config.targets)]
+        _check_not_saved_too(chosen, config)
+    _check_each_target_matches(candidates, config.exclude, "exclude")
     chosen = _leave_task_heads(model, chosen, config)
     chosen = [(n, m) for n, m in chosen if not first_match(n, config.exclude)]
     chosen = [(n, m) for n, m in chosen if not first_match(n, config.modules_to_save)]
@@ -205,6 +211,13 @@ def _bypasses_children(module: nn.Module) -> str | None:
 
 def check_called(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: str) -> None:
     """Refuse modules the model never calls: a wrapper there would be skipped without a word."""
+    for name, aliases in skipped_aliases(list(iter_modules(model)), [n for n, _ in chosen]):
+        leaf = aliases[0].rsplit(".", 1)[-1]
+        raise TargetError(
+            f"{method} cannot adapt {name!r}: the model's forward never calls it; "
+            f"{', '.join(aliases)} hold the same weight and run in its place, so an adapter "
+            f"there would be skipped. Target the modules that run instead, e.g. targets=[{leaf!r}]"
+        )
     for name, _ in chosen:
         parts = name.split(".")
         for depth in range(len(parts) - 1, -1, -1):
@@ -217,12 +230,33 @@ def check_called(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: 
                 )
 
 
+def _check_not_saved_too(chosen: list[tuple[str, nn.Module]], config: TargetedConfig) -> None:
+    """A module named by both targets and modules_to_save: it either trains in full or gets an
+    adapter, and which one the user meant is theirs to say."""
+    both = [n for n, _ in chosen if first_match(n, config.modules_to_save)]
+    if both:
+        raise TargetError(
+            f"{both[0]!r} is selected by both targets and modules_to_save: a module either trains "
+            "in full (modules_to_save) or gets an adapter (targets); remove it from one of them"
+        )
+
+
+def check_patterns_match(names: Sequence[str], patterns: Iterable[str], what: str) -> None:
+    """Every pattern (e.g. a ``rank_pattern`` key) matches one of ``names``, or a ``TargetError``
+    names the closest ones: a typo in a pattern must not be ignored."""
+    _check_names(list(names), patterns, what)
+
+
 def _check_each_target_matches(
     candidates: list[tuple[str, nn.Module]], patterns: Iterable[str], what: str = "target"
 ) -> None:
-    names = [n for n, _ in candidates]
+    _check_names([n for n, _ in candidates], patterns, what)
+
+
+def _check_names(names: list[str], patterns: Iterable[str], what: str) -> None:
+    start = time.monotonic()
     for pattern in patterns:
-        if any(matches(n, pattern) for n in names):
+        if _any_match(names, pattern, start, what):
             continue
         leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
         close = difflib.get_close_matches(pattern.removeprefix("re:"), leaves, n=3, cutoff=0.5)
@@ -230,6 +264,24 @@ def _check_each_target_matches(
             f"closest names: {', '.join(close)}" if close else f"module names include: {leaves[:8]}"
         )
         raise TargetError(f"{what} {pattern!r} matched no module; {hint}")
+
+
+def _any_match(names: list[str], pattern: str, start: float, what: str) -> bool:
+    """Whether ``pattern`` matches one of ``names``, within ``MATCH_BUDGET_S`` from ``start``.
+
+    Configs refuse regexes that backtrack exponentially (``peftkit._patterns``); the budget bounds
+    what is left (many polynomial patterns over many names), so selection never hangs.
+    """
+    for name in names:
+        if matches(name, pattern):
+            return True
+        if time.monotonic() - start > MATCH_BUDGET_S:
+            raise TargetError(
+                f"matching {what} {pattern[:60]!r} against the model's module names took over "
+                f"{MATCH_BUDGET_S:g} s; use plainer patterns (name suffixes such as 'q_proj', or "
+                "regular expressions with fewer repetitions)"
+            )
+    return False
 
 
 def _keep_layers(
@@ -244,8 +296,26 @@ def _keep_layers(
             f"layers={list(config.layers)}: no selected module sits in a block list named {where}; "
             "set layers_pattern to the name of the model's block list"
         )
+    present = sorted({i for _, _, i in indexed if i is not None})
+    absent = [i for i in config.layers if i not in present]
+    if absent:
+        raise TargetError(
+            f"layers={list(config.layers)}: no selected module sits in block {absent}; the "
+            f"selected modules sit in blocks {_spans(present)}. Use indices from that range"
+        )
     wanted = set(config.layers)
     return [(n, m) for n, m, i in indexed if i in wanted]
+
+
+def _spans(indices: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2, 5'."""
+    runs: list[list[int]] = []
+    for i in indices:
+        if runs and i == runs[-1][-1] + 1:
+            runs[-1].append(i)
+        else:
+            runs.append([i])
+    return ", ".join(f"{r[0]}-{r[-1]}" if len(r) > 1 else str(r[0]) for r in runs)
 
 
 def _check_types(

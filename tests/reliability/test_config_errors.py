@@ -74,9 +74,9 @@ APPLY_ERRORS: dict[str, tuple[Callable[[], nn.Module], Callable[[nn.Module], Any
     ),
     "target-selects-nothing": (
         _tiny,
-        lambda m: apply_lora(m, targets=["q_proj"], layers=[7]),
+        lambda m: apply_lora(m, targets=["q_proj"], exclude=["q_proj"]),
         TargetError,
-        r"selects no module \(targets=\['q_proj'\], layers=\[7\]\)",
+        r"selects no module \(targets=\['q_proj'\], exclude=\['q_proj'\]\)",
     ),
     "unsupported-module-type": (
         _tiny,

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .._document import parse_json
 from ..checkpoint import (
     CheckpointError,
     _atomic_write,
@@ -170,6 +171,12 @@ def _write(out: Path, adapter: PeftAdapter) -> Path:
     text = json.dumps(adapter.config, indent=2, sort_keys=True) + "\n"
     if out.is_file():
         raise InteropError(f"{out} is a file; pass a directory to write the adapter into")
+    if checkpoint_layout(out) == "peftkit-1":
+        raise InteropError(
+            f"{out} holds a peftkit checkpoint in format 1, under the file names peft uses; "
+            "exporting there would overwrite it. Export into another directory, or re-save the "
+            "checkpoint with peftkit.save_adapter first (which writes peftkit's own file names)"
+        )
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata={"format": "pt"}))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
@@ -236,10 +243,7 @@ def _attach_converted(
 def read_peft_directory(path: Path) -> PeftAdapter:
     """The config and tensors of a peft adapter directory (safetensors only; pickle is refused)."""
     _check_peft_directory(path)
-    try:
-        config = json.loads((path / CONFIG_NAME).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{path / CONFIG_NAME} is not valid JSON ({err})") from err
+    config = parse_json((path / CONFIG_NAME).read_text(encoding="utf-8"), path / CONFIG_NAME)
     if not isinstance(config, dict) or "peft_type" not in config:
         hint = (
             "it is a peftkit checkpoint; load it with peftkit.load_adapter(model, dir)"

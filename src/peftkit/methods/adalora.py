@@ -428,6 +428,9 @@ class AdaLora(SwapMethod):
         return {"rank": spread, "budget": f"{sum(ranks)} (target {self.final_budget})"}
 
     # -- merging and checkpoints -------------------------------------------------------------
+    def check_merge(self) -> None:
+        self.check_allocator_ran("merge")
+
     def merge(self, model: nn.Module, *, unload: bool) -> MergeReport:
         self.check_allocator_ran("merge")
         return super().merge(model, unload=unload)
@@ -457,11 +460,26 @@ class AdaLora(SwapMethod):
         return {"rank_pattern": self.rank_pattern(), "masked": self.masked, "final": self.frozen}
 
     def load_extra_state(self, state: dict[str, Any]) -> None:
-        self.saved_ranks = {str(k): int(v) for k, v in dict(state.get("rank_pattern", {})).items()}
-        self.masked = bool(state.get("masked", False))
+        ranks, masked, final = (
+            state.get("rank_pattern", {}),
+            state.get("masked", False),
+            state.get("final", False),
+        )
+        bad_rank = not isinstance(ranks, dict) or not all(
+            isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= self.config.init_r
+            for v in ranks.values()
+        )
+        if bad_rank or not isinstance(masked, bool) or not isinstance(final, bool):
+            raise ValueError(
+                f"AdaLoRA adapter {self.adapter_name!r}: its saved state must hold rank_pattern "
+                f"(module paths to ranks from 0 to init_r={self.config.init_r}), masked and "
+                f"final (true or false); got {state!r:.120}. Fix the file, or re-save the adapter"
+            )
+        self.saved_ranks = {str(k): v for k, v in ranks.items()}
+        self.masked = masked
         # A pruned checkpoint keeps its ranks: the importance state behind them was not saved.
         self.frozen = self.masked
-        self.resumed_mid_schedule = self.masked and not state.get("final", False)
+        self.resumed_mid_schedule = self.masked and not final
 
 
 def rank_pattern(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:

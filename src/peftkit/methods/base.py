@@ -169,6 +169,10 @@ class Method:
             p.requires_grad_(active)
 
     # -- merging -----------------------------------------------------------------------------
+    def check_merge(self) -> None:
+        """Raise, naming the fix, if this adapter must not be merged now. Model-level merges call
+        it for every adapter they will merge before merging any."""
+
     def merge(self, model: nn.Module, *, unload: bool) -> MergeReport:
         """Fold mergeable layers into the base weights; with ``unload``, drop their wrappers too."""
         report = MergeReport()
@@ -220,8 +224,13 @@ class SwapMethod(Method):
     def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
         raise NotImplementedError
 
+    def check_selection(self, paths: list[str]) -> None:
+        """Raise, naming the fix, if the config does not fit the selected module ``paths`` (e.g. a
+        per-module override that matches none of them); called before anything is wrapped."""
+
     def inject(self, model: nn.Module) -> None:
         chosen = select(model, self.config, self.supported, method=self.name)
+        self.check_selection([path for path, _ in chosen])
         for path, module in chosen:
             layer = self.wrap(module, path)
             set_module(model, path, layer)

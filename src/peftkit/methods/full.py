@@ -23,7 +23,14 @@ from torch import nn
 from ..config import MethodConfig, _check_patterns, check_positive_int
 from ..layers import AdapterLayer, SavedModule
 from ..registry import register_method
-from ..targeting import LAYER_LISTS, TargetError, first_match, iter_modules, select_named
+from ..targeting import (
+    LAYER_LISTS,
+    TargetError,
+    check_patterns_match,
+    first_match,
+    iter_modules,
+    select_named,
+)
 from .base import MergeReport, Method, apply_with
 
 
@@ -112,6 +119,8 @@ def select_parameters(model: nn.Module, config: FullConfig) -> list[BaseParamete
     if config.modules:
         wanted = [n for n, _ in select_named(model, config.modules, "modules")]
         chosen = [p for p in chosen if _inside(p.name, wanted)]
+    every_path = sorted({a for p in everything for a in _paths(p.name)})
+    check_patterns_match(every_path, config.exclude, "exclude")
     chosen = [p for p in chosen if not any(first_match(a, config.exclude) for a in _paths(p.name))]
     if config.biases_only:
         chosen = [p for p in chosen if p.local == "bias"]

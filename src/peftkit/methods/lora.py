@@ -16,10 +16,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import TargetedConfig, check_finite_number, check_positive_int, check_probability
+from ..config import (
+    TargetedConfig,
+    check_finite_number,
+    check_pattern,
+    check_positive_int,
+    check_probability,
+)
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targeting import first_match, is_conv1d
+from ..targeting import check_patterns_match, first_match, is_conv1d
 from .base import SwapMethod, apply_with
 
 Init = Literal["kaiming", "gaussian"]
@@ -53,6 +59,15 @@ class LoraConfig(TargetedConfig):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
         if not isinstance(self.rslora, bool):
             raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
+        for field_name in ("rank_pattern", "alpha_pattern"):
+            value = getattr(self, field_name)
+            if not isinstance(value, Mapping):
+                raise ValueError(
+                    f"{field_name} must map module patterns to values, e.g. "
+                    f"{field_name}={{'o_proj': 16}}, got {value!r}"
+                )
+            for pattern in value:
+                check_pattern(f"{field_name} key", pattern)
         for pattern, rank in dict(self.rank_pattern).items():
             check_positive_int(f"rank_pattern[{pattern!r}]", rank)
         for pattern, alpha in dict(self.alpha_pattern).items():
@@ -248,6 +263,11 @@ class Lora(SwapMethod):
 
     supported = (nn.Linear, nn.Embedding, nn.Conv2d)
     config: LoraConfig
+
+    def check_selection(self, paths: list[str]) -> None:
+        """Each rank_pattern / alpha_pattern key must match a module this adapter wraps."""
+        check_patterns_match(paths, self.config.rank_pattern, "rank_pattern key")
+        check_patterns_match(paths, self.config.alpha_pattern, "alpha_pattern key")
 
     def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
         cfg = self.config
