@@ -3,12 +3,10 @@ can the adapters train. Each returns or raises before anything is modified."""
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
-
-from .methods.base import Method
 
 
 def wrapper_kind(model: nn.Module) -> str | None:
@@ -67,23 +65,3 @@ def check_tensors_fit(own: dict[str, tuple[int, ...]], tensors: dict[str, torch.
             f"adapter tensors do not fit this model ({'; '.join(problems[:10])}{more}); "
             "was the checkpoint saved from another model?"
         )
-
-
-def adapters_blocker(methods: Mapping[str, Method]) -> str | None:
-    """Why training a model with these adapters would fail or train nothing, or None."""
-    if not methods:
-        return None
-    active = [m for m in methods.values() if m.active]
-    if not active:
-        return (
-            f"every adapter ({list(methods)}) is inactive, so nothing would train; "
-            "activate one with peftkit.set_active(model, name)"
-        )
-    merged = [m.adapter_name for m in active if any(layer.merged for layer in m.layers)]
-    if merged:
-        return (
-            f"adapter(s) {merged} are merged into the base weights (peftkit.merge), so their "
-            "parameters no longer reach the output and would not train; call "
-            "peftkit.unmerge(model) before training"
-        )
-    return None

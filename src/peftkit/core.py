@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from ._guards import adapters_blocker, check_tensors_fit, name_list, wrapper_kind
+from ._guards import check_tensors_fit, name_list, wrapper_kind
 from .config import MethodConfig
 from .layers import AdapterLayer
 from .methods.base import MergeReport, Method
@@ -376,13 +376,6 @@ def load_adapter_state_dict(
         prefix = name + "."
         mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
         _method(model, name).load_state_dict(inner, mine)
-
-
-def training_blocker(model: nn.Module) -> str | None:
-    """Why training ``model``'s adapters now would fail or train nothing, naming the fix; None when
-    nothing stands in the way (or the model has no adapters). A training loop calls it before its
-    first step (torch would only say "element 0 of tensors does not require grad")."""
-    return adapters_blocker(adapters(model))
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

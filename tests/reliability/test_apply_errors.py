@@ -382,16 +382,3 @@ def test_one_string_is_one_adapter_name(tmp_path: Path) -> None:
     ]
     fresh = peftkit.load_adapter(_tiny(), tmp_path, "task")
     assert list(peftkit.adapters(fresh)) == ["task"]
-
-
-def test_training_a_merged_or_inactive_adapter_names_the_fix() -> None:
-    from peftkit.core import training_blocker
-
-    model = _two()
-    assert training_blocker(model) is None
-    peftkit.merge(model, ["a"])
-    assert "['a'] are merged into the base weights (peftkit.merge)" in str(training_blocker(model))
-    assert "call peftkit.unmerge(model) before training" in str(training_blocker(model))
-    peftkit.unmerge(model)
-    peftkit.set_active(model, [])
-    assert "is inactive, so nothing would train; activate one" in str(training_blocker(model))
