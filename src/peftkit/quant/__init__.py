@@ -25,6 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
+__all__ = ["BaseKind", "QuantizedMerge", "base_kind", "dequantize", "register_base_kind"]
+
 # package (as imported by users) -> peftkit module that registers its kinds
 PACKAGES: dict[str, str] = {
     "bitsandbytes": "peftkit.quant.bnb",
