@@ -7,7 +7,8 @@ full precision and against HF peft's LoRA on the same 4-bit base, in one run.
 
 Step time: every contestant in this process, interleaved round by round (medians, and the median
 per-round ratio to peftkit's full-precision LoRA). Peak memory: each contestant in a sibling process
-(CPU: VmHWM, the peak resident set; CUDA: max_memory_allocated). MFU counts 4·N·tokens per step,
+(CPU: VmHWM, the peak resident set, which includes the loaded libraries; CUDA:
+max_memory_allocated), and the bytes of the weights as stored. MFU counts 4·N·tokens per step,
 N the base's parameters: with a frozen base a step computes the forward (2N) and the input
 gradients (2N) but no weight gradients (the 6N convention would count those).
 """
@@ -133,12 +134,20 @@ def available() -> list[str]:
     return keys
 
 
+def _weight_bytes(model: nn.Module) -> int:
+    """Bytes of the model's parameters and buffers as stored (4-bit weights packed, two per byte;
+    bitsandbytes' per-block scales are not tensors of the module and are left out)."""
+    tensors = [*model.parameters(), *model.buffers()]
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
 def report(
     args: argparse.Namespace, keys: list[str], directory: str, n_base: int
 ) -> dict[str, Any]:
     device = torch.device(args.device)
     models = {key: load(key, directory, device) for key in keys}
     batch = common.make_batch(common.vocab_size(models[keys[0]]), args.batch, args.seq, device)
+    weights = {key: _weight_bytes(model) for key, model in models.items()}
     tasks = {key: step_fn(model, batch) for key, model in models.items()}
     times = common.interleaved(tasks, args.rounds, args.warmup, device)["wall"]
     del models, tasks
@@ -152,6 +161,7 @@ def report(
             "step_ratio": common.median_ratio(times[key], times["lora-full-precision"]),
             "peak_mib": common.mib(peaks[key]),
             "peak_ratio": peaks[key] / peaks["lora-full-precision"],
+            "weights_mib": common.mib(weights[key]),
             "tokens_per_s": tokens / median,
         }
         if args.peak_tflops:
@@ -182,12 +192,13 @@ def main(argv: list[str] | None = None) -> None:
               "environment": env, "contestants": rows}  # fmt: skip
     common.write_json(args.out, result)
     header = ["contestant", "step (s)", "× full-precision", "peak MiB", "× full-precision"]
+    header.append("weights MiB")
     if args.peak_tflops:
         header.append("MFU (4·N·tokens)")
     table = []
     for key, row in rows.items():
         line = [key, f"{row['step_s']:.3f}", f"{row['step_ratio']:.2f}", f"{row['peak_mib']:.0f}"]
-        line.append(f"{row['peak_ratio']:.2f}")
+        line += [f"{row['peak_ratio']:.2f}", f"{row['weights_mib']:.0f}"]
         if args.peak_tflops:
             line.append(f"{100 * row['mfu']:.1f}%")
         table.append(line)
