@@ -44,7 +44,7 @@ def test_lora_on_a_bf16_base_keeps_float32_factors_that_move_at_small_lr() -> No
     kept = CASES["llama"].build().to(torch.bfloat16)
     apply_lora(kept, **LORA, adapter_dtype="base")
     assert {p.dtype for p in peftkit.trainable_parameters(kept)} == {torch.bfloat16}
-    assert _unchanged_after_one_step(kept) > 0.3  # bf16 rounds most lr-1e-5 steps away
+    assert _unchanged_after_one_step(kept) > 0.9  # bf16 rounds lr-1e-5 steps away
 
 
 def test_float32_factors_on_a_bf16_base_compute_what_bf16_factors_do() -> None:
