@@ -36,7 +36,20 @@ from contestants import FLOOR, Contestant, Prepared, by_key, lineup
 from torch import nn
 
 CLOCK_HELP = "time figures from wall time (default) or process CPU time (shared CPU, 1 thread)"
-PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L4": 121.0}  # dense bf16
+# Dense bf16 peaks by the exact name torch.cuda.get_device_name reports: an H100 PCIe is not an SXM
+# part, so no substring matching; any other device needs --peak-tflops for MFU.
+PEAK_TFLOPS = {
+    "NVIDIA H200": 989.0,
+    "NVIDIA H200 NVL": 835.0,
+    "NVIDIA H100 80GB HBM3": 989.0,
+    "NVIDIA H100 PCIe": 756.0,
+    "NVIDIA H100 NVL": 835.0,
+    "NVIDIA A100-SXM4-80GB": 312.0,
+    "NVIDIA A100-SXM4-40GB": 312.0,
+    "NVIDIA A100 80GB PCIe": 312.0,
+    "NVIDIA A100-PCIE-40GB": 312.0,
+    "NVIDIA L4": 121.0,
+}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -261,7 +274,7 @@ def peak_flops(args: argparse.Namespace, device: torch.device, dtype: torch.dtyp
         return float(args.peak_tflops) * 1e12
     name = torch.cuda.get_device_name(device)
     half = dtype in (torch.bfloat16, torch.float16)
-    found = next((v for k, v in PEAK_TFLOPS.items() if k in name), None)
+    found = PEAK_TFLOPS.get(name)
     return found * 1e12 if found and half else None
 
 

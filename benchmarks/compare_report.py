@@ -126,7 +126,7 @@ def goals(rows: list[dict[str, Any]], pairs: list[dict[str, Any]]) -> list[tuple
 def main_table(rows: list[dict[str, Any]], cuda: bool, peak_flops: float | None) -> str:
     header = ["method", "trainable", "% of total", "step ms", "train tok/s", "step × floor"]
     header += ["train mem MiB", "mem × floor", "infer tok/s", "× base", "merged tok/s", "× base"]
-    header += ["MFU"] if cuda and peak_flops else []
+    header += [f"MFU ({MFU_CONVENTION})"] if cuda and peak_flops else []
     body = []
     for r in rows:
         mem = r["train_mem_bytes"]
@@ -199,10 +199,18 @@ def plot(rows: list[dict[str, Any]], path: Path, title: str) -> Path | None:
     return path
 
 
+MFU_CONVENTION = "4·N_frozen + 6·N_trainable FLOPs per token"
+
+
 def mfu(rows: list[dict[str, Any]], template_params: int, peak: float | None) -> None:
-    """Model FLOPs utilisation, PaLM convention: 6 × parameters × tokens/s over the peak."""
+    """Model FLOPs utilisation counting what a step computes: a frozen parameter costs 4 FLOPs per
+    token (forward, and the input gradient the backward still needs), a trained one 6 (its weight
+    gradient too). Full fine-tuning is then the PaLM 6·N; a frozen base with an adapter about 4·N,
+    not 6·N, which would credit it with weight gradients it never computes."""
     for r in rows:
-        r["mfu"] = 6 * template_params * r["train_tokens_per_s"] / peak if peak else None
+        trained = min(int(r.get("trainable") or 0), template_params)
+        flops = 4 * (template_params - trained) + 6 * int(r.get("trainable") or 0)
+        r["mfu"] = flops * r["train_tokens_per_s"] / peak if peak else None
 
 
 def print_report(report: dict[str, Any], cuda: bool, peak: float | None) -> None:

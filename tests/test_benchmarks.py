@@ -14,6 +14,8 @@ from importlib.util import find_spec
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 import peftkit
 from peftkit.registry import spec
 
@@ -196,3 +198,31 @@ def test_augment_smoke_measures_the_overhead_and_runs_the_study(tmp_path: Path) 
     assert "augment adds" in out and "ms per sentence" in out
     for setting in ("none", "all four", "swap", "delete", "insert", "replace"):
         assert f"| {setting}" in out
+
+
+@pytest.mark.slow
+def test_qlora_smoke_reports_the_4bit_base_against_full_precision(tmp_path: Path) -> None:
+    pytest.importorskip("bitsandbytes")
+    out = run("qlora.py", "--smoke", "--out", str(tmp_path / "qlora.json"))
+    report = read(tmp_path / "qlora.json")
+    rows = report["contestants"]
+    expected = {"lora-full-precision", "lora-4bit"} | ({"peft-lora-4bit"} if HAS_PEFT else set())
+    assert set(rows) == expected
+    assert rows["lora-full-precision"]["step_ratio"] == 1.0
+    assert all(r["step_s"] > 0 and r["peak_mib"] > 0 for r in rows.values())
+    assert report["mfu_convention"].startswith("4·N") and "lora-4bit" in out
+
+
+def test_mfu_counts_four_flops_per_frozen_parameter_and_six_per_trained() -> None:
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from compare_report import mfu
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    rows = [
+        {"trainable": 0, "train_tokens_per_s": 1.0},
+        {"trainable": 10, "train_tokens_per_s": 1.0},
+        {"trainable": 100, "train_tokens_per_s": 1.0},
+    ]
+    mfu(rows, 100, peak=1.0)
+    assert [r["mfu"] for r in rows] == [400.0, 4 * 90 + 6 * 10, 600.0]

@@ -61,6 +61,7 @@ PUBLIC: dict[str, list[str]] = {
         "metrics",
         "plain_state_dict",
         "print_trainable_parameters",
+        "quant",
         "rank_pattern",
         "register_method",
         "regularizer",
@@ -110,6 +111,13 @@ PUBLIC: dict[str, list[str]] = {
         "mse",
         "sigmoid_focal_loss",
         "symmetric_kl",
+    ],
+    "peftkit.quant": [
+        "BaseKind",
+        "QuantizedMerge",
+        "base_kind",
+        "dequantize",
+        "register_base_kind",
     ],
     "peftkit.metrics": [
         "ClassificationScores",

@@ -7,7 +7,7 @@ save_adapter(model, "out/")
 model = merge_and_unload(model)                          # plain model, no adapter overhead
 """
 
-from . import augment, losses, metrics
+from . import augment, losses, metrics, quant
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
 from .compose import combine_lora, compose, ensemble
@@ -93,6 +93,7 @@ __all__ = [
     "metrics",
     "plain_state_dict",
     "print_trainable_parameters",
+    "quant",
     "rank_pattern",
     "register_method",
     "regularizer",

@@ -12,7 +12,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Literal, TypeVar
 
 from ._keywords import init_fields, unknown_keywords_error
 from ._patterns import check_regex
@@ -55,6 +55,17 @@ def check_finite_number(name: str, value: object, *, positive: bool = False) -> 
     if not ok or (positive and float(value) <= 0):  # type: ignore[arg-type]
         kind = "a positive finite number" if positive else "a finite number"
         raise ValueError(f"{name} must be {kind}, got {value!r}")
+
+
+ADAPTER_DTYPES = ("auto", "base")
+
+
+def check_adapter_dtype(value: object) -> None:
+    if value not in ADAPTER_DTYPES:
+        raise ValueError(
+            f"adapter_dtype must be 'auto' (float32 on a bf16/fp16 or quantized base) or 'base' "
+            f"(the base's compute dtype), got {value!r}"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -140,12 +151,16 @@ class TargetedConfig(MethodConfig):
     exclude: entries of the same form; matching modules are never targeted.
     layers: keep only modules inside these block indices (``model.layers.<i>``, ``transformer.h.<i>``...).
     layers_pattern: the name of the block list when it is not one of the usual ones.
+    adapter_dtype: ``"auto"`` keeps the adapter's own parameters in float32 on a bf16/fp16 or
+        quantized base (the forward casts them, not the activations, to the base's dtype) and in
+        the base's dtype otherwise; ``"base"`` keeps them in the base's compute dtype.
     """
 
     targets: Sequence[str] | str = ALL_LINEAR
     exclude: Sequence[str] = ()
     layers: Sequence[int] | None = None
     layers_pattern: str | None = None
+    adapter_dtype: Literal["auto", "base"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -168,6 +183,7 @@ class TargetedConfig(MethodConfig):
             not isinstance(self.layers_pattern, str) or not self.layers_pattern
         ):
             raise ValueError("layers_pattern must be a non-empty name such as 'layers'")
+        check_adapter_dtype(self.adapter_dtype)
 
 
 def _jsonable(value: Any) -> Any:

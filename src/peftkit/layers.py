@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from . import quant
+
 # torch's process-wide module hooks (nn.modules.module.register_module_forward_hook & co.).
 _GLOBAL_FORWARD_HOOKS = tuple(
     getattr(torch.nn.modules.module, name, {})
@@ -43,6 +45,15 @@ def has_call_hooks(module: nn.Module) -> bool:
     )
 
 
+def cast_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """``t`` (an adapter's small parameter) in x's dtype, so float32 adapter parameters on a 16-bit
+    base cast themselves, never the activations. No copy when the dtypes match; under autocast the
+    op casts on its own."""
+    if t.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+        return t
+    return t.to(x.dtype)
+
+
 class AdapterLayer(nn.Module):
     """Base of every wrapper.
 
@@ -62,6 +73,7 @@ class AdapterLayer(nn.Module):
         self.path = path  # dotted name of the wrapped module in the unwrapped model
         self.active = True
         self.merged = False
+        self.requantized: quant.QuantizedMerge | None = None  # a merge into a quantized base
 
     def __getattr__(self, name: str) -> Any:
         # Transparent wrapper: model code that reads `self.wo.weight`, `.in_features` or `.nf` of a
@@ -101,6 +113,19 @@ class AdapterLayer(nn.Module):
             )
         return weight
 
+    def factor_placement(self, policy: str) -> dict[str, Any]:
+        """``device`` and ``dtype`` for this layer's own parameters, from the base's compute dtype
+        (a quantized base's, never its packed storage dtype) and ``policy`` (see
+        ``peftkit.quant.adapter_dtype``)."""
+        found = quant.reference(self.base_layer())
+        if found is None:
+            raise TypeError(
+                f"{type(self.base_layer()).__name__} at {self.path!r} has no floating tensor to "
+                "take a device and dtype from"
+            )
+        device, dtype = found
+        return {"device": device, "dtype": quant.adapter_dtype(dtype, policy)}
+
     def named_adapter_tensors(self) -> Iterator[tuple[str, torch.Tensor]]:
         """Parameters and persistent buffers this layer owns; the base's are excluded by identity."""
         base_ids = {id(t) for t in self.base.parameters()} | {id(t) for t in self.base.buffers()}
@@ -134,18 +159,26 @@ class AdapterLayer(nn.Module):
         """Add ``delta_weight()`` to the base weight; forward then skips the adapter path."""
         if self.merged:
             return
-        weight = self.base_weight()
-        with torch.no_grad():
-            weight.add_(self.delta_weight().to(weight.dtype))
+        inner = self.base_layer()
+        if quant.base_kind(inner) is not None:  # dequantize, add, re-quantize
+            self.requantized = quant.merge_into(inner, self.delta_weight())
+        else:
+            weight = self.base_weight()
+            with torch.no_grad():
+                weight.add_(self.delta_weight().to(weight.dtype))
         self.merged = True
 
     def unmerge(self) -> None:
         """Subtract what ``merge`` added (exact up to floating-point rounding)."""
         if not self.merged:
             return
-        weight = self.base_weight()
-        with torch.no_grad():
-            weight.sub_(self.delta_weight().to(weight.dtype))
+        if self.requantized is not None:  # put back the quantized weight the merge replaced
+            quant.unmerge_from(self.base_layer(), self.requantized)
+            self.requantized = None
+        else:
+            weight = self.base_weight()
+            with torch.no_grad():
+                weight.sub_(self.delta_weight().to(weight.dtype))
         self.merged = False
 
     def merged_module(self) -> nn.Module:

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import _compat
+from . import _compat, quant
 from ._probe import skipped_aliases
 from .config import ALL_LINEAR, TargetedConfig
 from .layers import AdapterLayer, AdapterModule
@@ -101,8 +101,21 @@ def layer_index(name: str, layers_pattern: str | None = None) -> int | None:
 
 
 def is_linear(module: nn.Module) -> bool:
-    """nn.Linear or transformers' GPT-2 style Conv1D (a linear layer with a transposed weight)."""
-    return isinstance(module, nn.Linear) or is_conv1d(module)
+    """nn.Linear, transformers' GPT-2 style Conv1D (a linear layer with a transposed weight), or a
+    quantized linear layer of a registered base kind (``peftkit.quant``)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module) or quant.is_quantized_linear(module)
+
+
+def linear_features(module: nn.Module) -> tuple[int, int]:
+    """``(in_features, out_features)`` of a linear layer (see ``is_linear``): the logical shape, read
+    from a quantized layer's kind, never from a packed weight."""
+    found = quant.features(module)
+    if found is not None:
+        return found
+    weight = module.weight
+    assert isinstance(weight, torch.Tensor)
+    rows, cols = weight.shape
+    return (int(rows), int(cols)) if is_conv1d(module) else (int(cols), int(rows))
 
 
 def is_conv1d(module: nn.Module) -> bool:
@@ -323,7 +336,8 @@ def _check_types(
 ) -> None:
     for name, module in chosen:
         base = _unwrap(module)
-        if not isinstance(base, supported) and not (is_conv1d(base) and nn.Linear in supported):
+        linear = is_conv1d(base) or quant.is_quantized_linear(base)
+        if not isinstance(base, supported) and not (linear and nn.Linear in supported):
             kinds = ", ".join(t.__name__ for t in supported)
             raise TargetError(
                 f"{method} cannot wrap {name!r} ({type(base).__name__}); it supports {kinds}. "

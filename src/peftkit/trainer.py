@@ -111,9 +111,7 @@ class Trainer:
         norm = self._clip()
         loss, grad_norm, tokens = self._reduce(torch.stack(losses).mean(), norm, tokens)
         lr = float(self.scheduler.get_last_lr()[0])
-        if self._finite(loss, grad_norm):
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
+        if self._finite(loss, grad_norm) and self._scaled_step():
             step_hooks(self.model, self.progress.step)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -140,6 +138,14 @@ class Trainer:
                 adversarial = self.attack.loss(self.model, batch, self.loss_fn)
             self.scaler.scale(adversarial / n).backward()
         return loss.detach().float()
+
+    def _scaled_step(self) -> bool:
+        """Step through the gradient scaler; False when it skipped the step (fp16 overflow), so the
+        methods' hooks never read those gradients. The scaler lowers its scale exactly then."""
+        before = self.scaler.get_scale() if self.scaler.is_enabled() else None
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        return before is None or self.scaler.get_scale() >= before
 
     def _penalty(self) -> torch.Tensor | None:
         """The methods' regularisers (``peftkit.regularizer``) plus the Trainer's ``regularizers``."""

@@ -242,10 +242,20 @@ def test_training_step_moves_the_up_projection_first() -> None:
     assert layer.adapter_down.weight.grad.abs().sum() == 0  # up is zero, so no signal reaches down
 
 
-def test_adapter_tensors_follow_the_base_dtype() -> None:
+def test_adapter_tensors_are_float32_on_a_bf16_base_unless_asked_for_the_base_dtype() -> None:
     model = CASES["llama"].build().to(torch.bfloat16)
     apply_adapter(model)
-    assert {p.dtype for p in peftkit.trainable_parameters(model)} == {torch.bfloat16}
+    assert {p.dtype for p in peftkit.trainable_parameters(model)} == {torch.float32}
+    assert case_output_dtype(model) == torch.bfloat16  # the stream stays in the base's dtype
+    other = CASES["llama"].build().to(torch.bfloat16)
+    apply_adapter(other, adapter_dtype="base")
+    assert {p.dtype for p in peftkit.trainable_parameters(other)} == {torch.bfloat16}
+
+
+def case_output_dtype(model: nn.Module) -> torch.dtype:
+    ids = torch.randint(0, 32, (2, 5))
+    out: torch.Tensor = model(input_ids=ids).logits
+    return out.dtype
 
 
 def test_no_dropout_adds_no_module() -> None:

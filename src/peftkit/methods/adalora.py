@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import TargetedConfig, check_finite_number, check_positive_int, check_probability
-from ..layers import AdapterLayer, has_call_hooks
+from ..layers import AdapterLayer, cast_like, has_call_hooks
 from ..registry import register_method
-from ..targeting import is_conv1d
+from ..targeting import is_conv1d, linear_features
 from .base import MergeReport, SwapMethod, apply_with
 
 _FACTORS = ("P", "lam", "Q")
@@ -120,15 +120,15 @@ class AdaLoraLayer(AdapterLayer):
         r: int,
         scaling: float,
         dropout: float,
+        adapter_dtype: str = "auto",
     ) -> None:
         super().__init__(base, adapter_name, path)
         self.r = r
         self.scaling = scaling
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = self.base_weight()
-        rows, cols = weight.shape
-        out_f, in_f = (cols, rows) if is_conv1d(self.base_layer()) else (rows, cols)
-        device, dtype = weight.device, weight.dtype
+        in_f, out_f = linear_features(self.base_layer())  # logical, even for a packed weight
+        kw = self.factor_placement(adapter_dtype)
+        device, dtype = kw["device"], kw["dtype"]
         self.P = nn.Parameter(torch.randn(out_f, r, device=device, dtype=dtype) / math.sqrt(out_f))
         self.lam = nn.Parameter(torch.zeros(r, device=device, dtype=dtype))
         self.Q = nn.Parameter(torch.randn(r, in_f, device=device, dtype=dtype) / math.sqrt(in_f))
@@ -168,13 +168,16 @@ class AdaLoraLayer(AdapterLayer):
             # in place: one GEMM with beta=1 and no second (tokens × out) tensor.
             flat, linear = x.reshape(-1, x.shape[-1]), cast(nn.Linear, self.base)
             y = F.linear(flat, linear.weight, linear.bias)
-            h = F.linear(self.dropout(flat), q).to(y.dtype)  # (tokens, rank)
+            h = F.linear(self.dropout(flat), cast_like(q, flat)).to(y.dtype)  # (tokens, rank)
             y.addmm_(h, scaled_p.t().to(y.dtype), alpha=self.scaling)
             return y.view(*x.shape[:-1], y.shape[-1])
         y = self.base(x)
-        h = F.linear(self.dropout(x), q)  # (..., rank): the only activation the adapter adds
+        h = F.linear(self.dropout(x), cast_like(q, x))  # (..., rank): the only activation added
         out = torch.addmm(
-            y.reshape(-1, y.shape[-1]), h.reshape(-1, rank), scaled_p.t(), alpha=self.scaling
+            y.reshape(-1, y.shape[-1]),
+            cast_like(h.reshape(-1, rank), y),
+            cast_like(scaled_p.t(), y),
+            alpha=self.scaling,
         )
         return out.view(y.shape)
 
@@ -333,7 +336,13 @@ class AdaLora(SwapMethod):
         rank = self.saved_ranks.get(path, cfg.init_r)
         scaling = cfg.alpha / cfg.init_r
         return AdaLoraLayer(
-            module, self.adapter_name, path, r=rank, scaling=scaling, dropout=cfg.dropout
+            module,
+            self.adapter_name,
+            path,
+            r=rank,
+            scaling=scaling,
+            dropout=cfg.dropout,
+            adapter_dtype=cfg.adapter_dtype,
         )
 
     def svd_layers(self) -> list[AdaLoraLayer]:

@@ -22,17 +22,19 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import quant
 from ..config import (
     MethodConfig,
     TargetedConfig,
     _check_patterns,
+    check_adapter_dtype,
     check_finite_number,
     check_positive_int,
     check_probability,
 )
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targeting import TargetError, is_conv1d, is_linear, iter_modules, select, set_module
+from ..targeting import TargetError, is_linear, iter_modules, linear_features, select, set_module
 from .base import Method, apply_with
 
 Form = Literal["houlsby", "pfeiffer", "parallel"]
@@ -61,6 +63,7 @@ class AdapterConfig(MethodConfig):
         names. A list (name suffixes or ``re:<regex>``) puts one adapter at each matching module: after
         its output for houlsby/pfeiffer, beside it (reading its first input) for parallel.
     exclude / layers / layers_pattern: as for LoRA; they narrow presets and explicit targets alike.
+    adapter_dtype: as for LoRA (``"auto"``: float32 on a bf16/fp16 or quantized base).
     """
 
     form: Form = "pfeiffer"
@@ -74,9 +77,11 @@ class AdapterConfig(MethodConfig):
     exclude: Sequence[str] = ()
     layers: Sequence[int] | None = None
     layers_pattern: str | None = None
+    adapter_dtype: Literal["auto", "base"] = "auto"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        check_adapter_dtype(self.adapter_dtype)
         if self.form not in ("houlsby", "pfeiffer", "parallel"):
             raise ValueError(f"form must be 'houlsby', 'pfeiffer' or 'parallel', got {self.form!r}")
         if self.bottleneck is not None:
@@ -182,8 +187,7 @@ class BottleneckLayer(AdapterLayer):
         self, base: nn.Module, adapter_name: str, path: str, *, width: int, config: AdapterConfig
     ) -> None:
         super().__init__(base, adapter_name, path)
-        ref = _reference_tensor(base, path)
-        kw: dict[str, Any] = {"device": ref.device, "dtype": ref.dtype}
+        kw = _placement(base, path, config.adapter_dtype)
         size = config.size_for(width)
         self.width, self.size, self.scaling = width, size, float(config.scaling)
         self.adapter_norm: nn.Module = (
@@ -200,13 +204,40 @@ class BottleneckLayer(AdapterLayer):
             self.adapter_up.bias.zero_()
 
     def bottleneck(self, h: torch.Tensor) -> torch.Tensor:
-        """f(h) without the scale;  h: (..., d) -> (..., d)."""
-        hidden = self.activation(self.adapter_down(self.adapter_dropout(self.adapter_norm(h))))
-        out: torch.Tensor = self.adapter_up(hidden)
-        return out
+        """f(h) without the scale;  h: (..., d) -> (..., d), in h's dtype.
+
+        float32 parameters on a 16-bit stream (``adapter_dtype="auto"``): the small (m, d) weights
+        are cast to the stream's dtype, never the (..., d) activations to float32."""
+        if h.dtype == self.adapter_down.weight.dtype or torch.is_autocast_enabled(h.device.type):
+            hidden = self.activation(self.adapter_down(self.adapter_dropout(self.adapter_norm(h))))
+            out: torch.Tensor = self.adapter_up(hidden)
+            return out
+        return _cast_bottleneck(self, h)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, {self.width}→{self.size}→{self.width}, scaling={self.scaling:g}"
+
+
+def _cast_bottleneck(layer: BottleneckLayer, h: torch.Tensor) -> torch.Tensor:
+    """``layer.bottleneck(h)`` computed in h's dtype with parameters kept in another dtype."""
+    norm = layer.adapter_norm
+    if isinstance(norm, nn.LayerNorm):
+        h = F.layer_norm(
+            h, norm.normalized_shape, _maybe(norm.weight, h), _maybe(norm.bias, h), norm.eps
+        )
+    down, up = layer.adapter_down, layer.adapter_up
+    hidden = layer.activation(
+        F.linear(layer.adapter_dropout(h), _to(down.weight, h), _to(down.bias, h))
+    )
+    return F.linear(hidden, _to(up.weight, h), _to(up.bias, h))
+
+
+def _to(param: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    return param.to(like.dtype)
+
+
+def _maybe(param: torch.Tensor | None, like: torch.Tensor) -> torch.Tensor | None:
+    return None if param is None else param.to(like.dtype)
 
 
 class SequentialAdapter(BottleneckLayer):
@@ -249,21 +280,22 @@ class ResidualParallelAdapter(BottleneckLayer):
         return self.base(hidden, residual, *args, **kw)
 
 
-def _reference_tensor(module: nn.Module, path: str) -> torch.Tensor:
-    for p in module.parameters():
-        return p
-    raise TargetError(f"adapter: {path!r} has no parameters to take a device and dtype from")
+def _placement(module: nn.Module, path: str, policy: str) -> dict[str, Any]:
+    """Device and dtype of the adapter's parameters: from the base's compute dtype (a quantized
+    layer's, not its packed storage) and ``policy`` (``AdapterConfig.adapter_dtype``)."""
+    inner = module.base_layer() if isinstance(module, AdapterLayer) else module
+    found = quant.reference(inner)
+    if found is None:
+        raise TargetError(f"adapter: {path!r} has no parameters to take a device and dtype from")
+    return {"device": found[0], "dtype": quant.adapter_dtype(found[1], policy)}
 
 
 def stream_width(module: nn.Module, path: str) -> int:
     """Width of the stream an adapter on ``module`` sees: its output features (for a block, those of
     its last linear layer)."""
     inner = module.base_layer() if isinstance(module, AdapterLayer) else module
-    if isinstance(inner, nn.Linear):
-        return inner.out_features
-    if is_conv1d(inner):
-        weight = getattr(inner, "weight")  # noqa: B009 (Conv1D stores (in, out))
-        return int(weight.shape[1])
+    if is_linear(inner):
+        return linear_features(inner)[1]
     if isinstance(inner, nn.Embedding):
         return inner.embedding_dim
     linears = [m for _, m in iter_modules(inner) if is_linear(_unwrap(m))]

@@ -15,7 +15,7 @@ from typing import Any, ClassVar, TypeVar
 import torch
 from torch import nn
 
-from .. import _compat
+from .. import _compat, quant
 from ..config import MethodConfig, TargetedConfig
 from ..layers import AdapterLayer, SavedModule
 from ..targeting import (
@@ -35,14 +35,22 @@ class MergeReport:
 
     merged: list[str] = field(default_factory=list)
     kept: dict[str, str] = field(default_factory=dict)
+    # merged layers whose base is quantized -> re-quantisation error of the merged weight,
+    # ‖Q(W + ΔW) − (W + ΔW)‖_F / ‖ΔW‖_F (see peftkit.quant.QuantizedMerge)
+    requantized: dict[str, float] = field(default_factory=dict)
 
     def extend(self, other: MergeReport) -> None:
         self.merged.extend(other.merged)
         self.kept.update(other.kept)
+        self.requantized.update(other.requantized)
 
     def __str__(self) -> str:
         lines = [f"merged {len(self.merged)} layer(s)"]
         lines += [f"kept {name}: {why}" for name, why in self.kept.items()]
+        lines += [
+            f"re-quantized {name}: error {err:.3g} of the update's norm"
+            for name, err in self.requantized.items()
+        ]
         return "\n".join(lines)
 
 
@@ -183,12 +191,15 @@ class Method:
             if reason:
                 report.kept[f"{self.adapter_name}:{layer.path}"] = reason
                 continue
+            name = f"{self.adapter_name}:{layer.path}"
             if unload:
                 remove_wrapper(model, layer, layer.merged_module())
                 self.layers.remove(layer)
             else:
                 layer.merge()
-            report.merged.append(f"{self.adapter_name}:{layer.path}")
+            report.merged.append(name)
+            if layer.requantized is not None:
+                report.requantized[name] = layer.requantized.error
         return report
 
     def unmerge(self) -> None:
@@ -320,15 +331,23 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
         if not inner.additive and not inner.merged:
             return f"sits outside a non-linear {type(inner).__name__}; merging would change outputs"
         inner = inner.base
+    return _base_blocker(inner, tied)
+
+
+def _base_blocker(inner: nn.Module, tied: set[int]) -> str | None:
+    """Why an update cannot be folded into the original module ``inner``, or None when it can."""
     weight = getattr(inner, "weight", None)
     if weight is not None and id(weight) in tied:
         return "its base weight is tied to another module (e.g. input and output embeddings)"
+    refused = quant.merge_refusal(inner)
+    if refused is not None:
+        return refused
     if isinstance(inner, nn.Embedding) and inner.max_norm is not None:
         return (
             "its base nn.Embedding renormalises the rows it looks up (max_norm), in place: a "
             "folded update would be renormalised too, and unmerge could not subtract it exactly"
         )
-    owner = _forward_owner(inner)
+    owner = None if quant.base_kind(inner) is not None else _forward_owner(inner)
     if owner is not None:
         return (
             f"its base {type(inner).__name__} computes its own forward() ({owner}, e.g. a scaled "

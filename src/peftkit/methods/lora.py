@@ -2,7 +2,8 @@
 
 W' = W + s * B A, with A: (r, in), B: (out, r) and s = alpha / r (or alpha / sqrt(r) for rsLoRA,
 Kalajdzievski 2023). B starts at zero so the model is unchanged at injection. Supported bases:
-nn.Linear, transformers' Conv1D (weight stored transposed), nn.Embedding and nn.Conv2d.
+nn.Linear, transformers' Conv1D (weight stored transposed), quantized linear layers
+(``peftkit.quant``: bitsandbytes, torchao, optimum-quanto, hqq), nn.Embedding and nn.Conv2d.
 """
 
 from __future__ import annotations
@@ -23,9 +24,9 @@ from ..config import (
     check_positive_int,
     check_probability,
 )
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, cast_like
 from ..registry import register_method
-from ..targeting import check_patterns_match, first_match, is_conv1d
+from ..targeting import check_patterns_match, first_match, is_conv1d, linear_features
 from .base import SwapMethod, apply_with
 
 Init = Literal["kaiming", "gaussian"]
@@ -103,16 +104,17 @@ class LoraLayer(AdapterLayer):
         scaling: float,
         dropout: float,
         init: Init = "kaiming",
+        adapter_dtype: str = "auto",
     ) -> None:
         super().__init__(base, adapter_name, path)
         self.r = r
         self.scaling = scaling
         # p=0 must not add an op: nn.Dropout(0) would still run (and on some paths save x).
         self.dropout: nn.Module = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        weight = self.base_weight()
+        kw = self.factor_placement(adapter_dtype)
         a_shape, b_shape = self.factor_shapes(self.base_layer())
-        self.lora_A = nn.Parameter(torch.empty(a_shape, device=weight.device, dtype=weight.dtype))
-        self.lora_B = nn.Parameter(torch.empty(b_shape, device=weight.device, dtype=weight.dtype))
+        self.lora_A = nn.Parameter(torch.empty(a_shape, **kw))
+        self.lora_B = nn.Parameter(torch.empty(b_shape, **kw))
         self.init_factors(init)
 
     def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
@@ -136,12 +138,13 @@ class LoraLinear(LoraLayer):
     """y = base(x) + s * B A dropout(x);  x: (..., in), y: (..., out).  A: (r, in), B: (out, r).
 
     Also wraps transformers' Conv1D, whose weight is stored as (in, out): ``delta_weight`` returns
-    the update in the base weight's own layout.
+    the update in the base weight's own layout; and quantized linear layers (``peftkit.quant``),
+    sized from their logical features. Factors kept in float32 on a 16-bit base are cast to x's
+    dtype in forward (r·(in+out) elements), never x to float32.
     """
 
     def factor_shapes(self, inner: nn.Module) -> tuple[tuple[int, ...], tuple[int, ...]]:
-        rows, cols = self.base_weight().shape
-        out_f, in_f = (cols, rows) if is_conv1d(inner) else (rows, cols)
+        in_f, out_f = linear_features(inner)
         return (self.r, in_f), (out_f, self.r)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -154,7 +157,9 @@ class LoraLinear(LoraLayer):
         flat = x.reshape(-1, x.shape[-1])
         private = self.base_output_is_private()
         y = _base_rows(self, x, flat, private)
-        y = _add_scaled(y, F.linear(self.dropout(flat), self.lora_A), self, private)
+        y = _add_scaled(
+            y, F.linear(self.dropout(flat), cast_like(self.lora_A, flat)), self, private
+        )
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
@@ -221,8 +226,9 @@ class LoraConv2d(LoraLayer):
             return y
         conv = self.base_layer()
         assert isinstance(conv, nn.Conv2d)
-        h = F.conv2d(self.dropout(x), self.lora_A, None, conv.stride, conv.padding, conv.dilation)
-        return y + F.conv2d(h, self.lora_B) * self.scaling
+        a, b = cast_like(self.lora_A, x), cast_like(self.lora_B, x)
+        h = F.conv2d(self.dropout(x), a, None, conv.stride, conv.padding, conv.dilation)
+        return y + F.conv2d(h, b) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
         flat = self.lora_B.float().flatten(1) @ self.lora_A.float().flatten(1)
@@ -251,7 +257,10 @@ def _add_scaled(y: torch.Tensor, h: torch.Tensor, layer: LoraLayer, private: boo
     after the GEMMs themselves). Otherwise (transformers' Conv1D returns a view; mixed dtypes; a
     hook that may keep the base output) an out-of-place addmm computes the same.
     """
-    b, scale = layer.lora_B, layer.scaling
+    b: torch.Tensor = layer.lora_B
+    scale = layer.scaling
+    if not torch.is_autocast_enabled(y.device.type):
+        h, b = h.to(y.dtype), b.to(y.dtype)  # float32 factors on a 16-bit base: cast the small ones
     if private and y._base is None and y.dtype == h.dtype:
         return y.addmm_(h, b.to(y.dtype).t(), alpha=scale)
     return torch.addmm(y, h, b.t(), alpha=scale)
@@ -285,6 +294,7 @@ class Lora(SwapMethod):
             scaling=cfg.scaling_for(path),
             dropout=cfg.dropout,
             init=cfg.init,
+            adapter_dtype=cfg.adapter_dtype,
         )
 
     def describe(self) -> dict[str, object]:
