@@ -23,18 +23,16 @@ from ...config import MethodConfig, check_finite_number, check_positive_int
 from ...registry import register_method
 from ..base import MergeReport, Method, apply_with
 from .injection import (
-    ATTR,
-    SUPPORTED_MODEL_TYPES,
     TRANSFORMERS_RANGE,
     PrefixInjector,
     UnsupportedModelError,
-    locate,
+    injector_of,
+    located,
     supported_range,
 )
 from .table import KVShape, PrefixTable
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES",
     "TRANSFORMERS_RANGE",
     "KVShape",
     "Prefix",
@@ -132,7 +130,7 @@ class Prefix(Method):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def inject(self, model: nn.Module) -> None:
-        body, shape, encoder = locate(model)
+        body, shape, encoder = located(model)
         weight = next(body.parameters())
         mlp_hidden = None if self.start_folded else self.config.mlp_hidden
         table = PrefixTable(
@@ -154,9 +152,9 @@ class Prefix(Method):
 
     def remove(self, model: nn.Module) -> None:
         super().remove(model)
-        body = getattr(model, "base_model", model)
-        injector = body._modules.get(ATTR)
-        if isinstance(injector, PrefixInjector):
+        found = injector_of(model)
+        if found is not None:
+            body, injector = found
             if self.adapter_name in injector.tables:
                 del injector.tables[self.adapter_name]
             if not len(injector.tables):
