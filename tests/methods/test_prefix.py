@@ -599,3 +599,9 @@ def test_bad_config_values_raise_errors_that_name_the_fix(
 def test_config_round_trips_through_json() -> None:
     config = PrefixConfig(prefix_length=2, init_token_ids=(3, 4), modules_to_save=("classifier",))
     assert PrefixConfig.from_dict(config.to_dict()) == config
+
+
+def test_supported_model_types_still_answers_with_a_deprecation_warning() -> None:
+    prefix_module = sys.modules["peftkit.methods.prefix"]
+    with pytest.warns(DeprecationWarning, match="works on any transformers model"):
+        assert "llama" in prefix_module.SUPPORTED_MODEL_TYPES

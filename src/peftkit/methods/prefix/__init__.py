@@ -11,6 +11,7 @@ it works in training, in ``generate()`` with the cache, and with padded batches.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -217,6 +218,20 @@ class Prefix(Method):
             return {}
         how = "plain" if self.table.folded else f"mlp {self.config.mlp_hidden}"
         return {"prefix": self.table.length, "table": how}
+
+
+def __getattr__(name: str) -> Any:
+    """``SUPPORTED_MODEL_TYPES``: deprecated; support is found by capability, not by model type."""
+    if name == "SUPPORTED_MODEL_TYPES":
+        warnings.warn(
+            "peftkit.methods.prefix.SUPPORTED_MODEL_TYPES is deprecated: prefix-tuning works on any "
+            "transformers model whose body takes a KV cache (docs/coverage.md); apply_prefix "
+            "raises UnsupportedModelError with the reason otherwise",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _init_from_tokens(body: nn.Module, table: PrefixTable, ids: Sequence[int]) -> None:

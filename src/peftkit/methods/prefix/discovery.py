@@ -95,7 +95,8 @@ def find_body(model: nn.Module) -> nn.Module:
             f"prefix-tuning cannot handle {type(model).__name__}: it has several transformer bodies "
             f"that take a KV cache ({[n for n, _ in inner]}), and a prefix enters exactly one"
         )
-    return inner[0][1]
+    body: nn.Module = inner[0][1]
+    return body
 
 
 def _inside(inner: nn.Module, outer: nn.Module) -> bool:
