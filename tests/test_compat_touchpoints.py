@@ -217,3 +217,22 @@ def test_the_hf_trainer_saves_through_the_models_own_save_pretrained(tmp_path: P
     assert (tmp_path / "out" / "model.safetensors").exists(), _where("Trainer.save_model's files")
     _compat.unhook_save_pretrained(model)
     assert "save_pretrained" not in model.__dict__
+
+
+def test_full_and_sliding_window_dynamic_layers_are_fillable_and_others_are_not() -> None:
+    names = _compat.fillable_layer_names()
+    assert names[0] == _compat.full_attention_layer_name()
+    assert "DynamicSlidingWindowLayer" in names, _where("cache_utils.DynamicSlidingWindowLayer")
+    windowed = transformers.MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        sliding_window=4,
+    )
+    assert _compat.is_fillable_dynamic(_compat.new_dynamic_cache(windowed))
+    static = transformers.StaticCache(config=windowed, max_cache_len=8)
+    assert not _compat.is_fillable_dynamic(static)
+    assert not _compat.is_fillable_dynamic(object())

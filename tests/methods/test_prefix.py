@@ -605,3 +605,28 @@ def test_supported_model_types_still_answers_with_a_deprecation_warning() -> Non
     prefix_module = sys.modules["peftkit.methods.prefix"]
     with pytest.warns(DeprecationWarning, match="works on any transformers model"):
         assert "llama" in prefix_module.SUPPORTED_MODEL_TYPES
+
+
+def test_cache_layers_without_plain_keys_and_values_are_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As a state-space or linear-attention layer's cache would be: nothing a prefix can join.
+    from peftkit import _compat
+
+    monkeypatch.setattr(_compat, "is_fillable_dynamic", lambda cache: False)
+    model = _build("llama")
+    with pytest.raises(UnsupportedModelError, match=r"LlamaModel: its cache layers are \['Dyn"):
+        apply_prefix(model)
+    assert not peftkit.adapters(model)
+    assert not any(hasattr(m, ATTR) for m in model.modules())
+
+
+def test_the_body_is_the_innermost_module_that_takes_a_cache() -> None:
+    opt = transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )  # fmt: skip
+    apply_prefix(opt, prefix_length=2)
+    assert hasattr(opt.model.decoder, ATTR) and not hasattr(opt.model, ATTR)
