@@ -236,3 +236,9 @@ def test_full_and_sliding_window_dynamic_layers_are_fillable_and_others_are_not(
     static = transformers.StaticCache(config=windowed, max_cache_len=8)
     assert not _compat.is_fillable_dynamic(static)
     assert not _compat.is_fillable_dynamic(object())
+
+
+def test_attention_modules_declare_whether_they_are_causal() -> None:
+    assert _compat.causal_flags(CASES["llama"].build()) == {True}, _where("is_causal on Llama")
+    assert _compat.causal_flags(CASES["bert"].build()) == {False}, _where("is_causal on BERT")
+    assert _compat.causal_flags(nn.Linear(2, 2)) == set()

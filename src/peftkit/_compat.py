@@ -16,6 +16,7 @@ The pieces and where they changed:
 - ``DynamicCache(config=...)`` with per-layer objects in ``cache.layers`` (``DynamicLayer``, or a
   sliding-window kind) holding ``keys`` / ``values``: 4.57 and later.
 - ``cache_position`` (an index into the cache) is still taken by models of 4.57 and early 5.x.
+- Attention modules declare ``is_causal`` (True in decoders, False in BERT-style encoders).
 - Activation checkpointing: ``activation_checkpointing_enable`` (5.x) or
   ``gradient_checkpointing_enable`` (4.x); the per-module flag is ``gradient_checkpointing``.
 - GPT-2's ``Conv1D``: ``transformers.pytorch_utils.Conv1D``.
@@ -197,6 +198,17 @@ def cached_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
             pairs.append((keys, values))
     return pairs
+
+
+# -- attention ---------------------------------------------------------------------------------
+def causal_flags(module: nn.Module) -> set[bool]:
+    """The ``is_causal`` flags transformers' attention modules inside ``module`` declare: {True}
+    for decoders, {False} for BERT-style encoders, empty where none declares one (Bloom)."""
+    return {
+        bool(m.is_causal)
+        for m in module.modules()
+        if isinstance(getattr(m, "is_causal", None), bool)
+    }
 
 
 # -- activation checkpointing ------------------------------------------------------------------

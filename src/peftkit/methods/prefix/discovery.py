@@ -113,10 +113,7 @@ def _takes_tokens(module: nn.Module) -> bool:
 
 def is_bidirectional(body: nn.Module) -> bool:
     """True when ``body``'s attention modules declare themselves non-causal (BERT-like encoders)."""
-    flags = {
-        bool(m.is_causal) for m in body.modules() if isinstance(getattr(m, "is_causal", None), bool)
-    }
-    return flags == {False}
+    return _compat.causal_flags(body) == {False}
 
 
 def probe_shape(body: nn.Module, config: Any) -> KVShape:
