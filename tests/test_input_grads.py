@@ -65,3 +65,18 @@ def test_the_hooks_act_only_while_checkpointing_trains_and_go_with_the_last_adap
     model.train()
     family.output(model)
     assert seen[-1] is False
+
+
+def test_token_models_train_under_reentrant_checkpointing_and_keep_no_embedding_hook() -> None:
+    family = FAMILIES["roberta"]
+    expected, _ = _grads("roberta", "lora", checkpointing=False)
+    got, _ = _grads("roberta", "lora", checkpointing=True)
+    for key, grad in expected.items():
+        torch.testing.assert_close(got[key], grad, rtol=1e-4, atol=1e-6)
+    model = family.build()
+    peftkit.apply_lora(model, r=2, alpha=4)
+    _compat.enable_checkpointing(model, use_reentrant=True)
+    model.train()
+    family.output(model).sum().backward()
+    hooks = model.get_input_embeddings()._forward_hooks.values()
+    assert not [h for h in hooks if getattr(h, "__module__", "") == "peftkit.input_grads"]

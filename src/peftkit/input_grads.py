@@ -8,9 +8,10 @@ backward fails ("element 0 of tensors does not require grad"). transformers'
 but not models whose main input is already a float tensor (Whisper's ``input_features``, ViT's and
 CLIP's ``pixel_values``).
 
-peftkit does both, and only while a checkpointed module trains: a forward hook marks the input
-embeddings' output as requiring grad, and a forward pre-hook passes each floating-point input
-tensor on as a detached alias that requires grad (the caller's tensor is left as it was). The
+peftkit does both, and only while a checkpointed module trains: a forward pre-hook on the model
+passes each floating-point input tensor on as a detached alias that requires grad (the caller's
+tensor is left as it was) and, for that call only, hooks the input embeddings so that their output
+requires grad; a forward hook on the model takes that hook off again. The
 gradient then flows from the first layer back to that alias: the frozen front-end (a convolution,
 a patch embedding) computes one input gradient more, nothing else changes.
 """
@@ -32,19 +33,21 @@ class InputGrads:
 
     def __init__(self, model: nn.Module) -> None:
         self.flagged = _compat.checkpointing_modules(model)
-        self.handles = []
+        self.handles: list[Any] = []
+        self.embeddings: nn.Module | None = None
+        self.during: Any = None  # the embeddings' hook while a checkpointed call runs
         if not self.flagged:
             return  # nothing can be checkpointed: no hooks
+        self.embeddings = _input_embeddings(model)
         pre = model.register_forward_pre_hook(self._inputs, with_kwargs=True)
-        self.handles.append(pre)
-        embeddings = _input_embeddings(model)
-        if embeddings is not None:
-            self.handles.append(embeddings.register_forward_hook(self._embedded))
+        post = model.register_forward_hook(self._done, always_call=True)
+        self.handles.extend([pre, post])
 
     def remove(self) -> None:
         for handle in self.handles:
             handle.remove()
         self.handles = []
+        self._done()
 
     def active(self) -> bool:
         """A checkpointed module would train now (grad enabled, some flag on, in training mode)."""
@@ -57,13 +60,20 @@ class InputGrads:
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         if not self.active():
             return None
-        return tuple(_needing_grad(a) for a in args), {
-            k: _needing_grad(v) for k, v in kwargs.items()
-        }
+        if self.embeddings is not None and self.during is None:
+            self.during = self.embeddings.register_forward_hook(_embedded)
+        named = {k: _needing_grad(v) for k, v in kwargs.items()}
+        return tuple(_needing_grad(a) for a in args), named
 
-    def _embedded(self, module: nn.Module, args: Any, output: Any) -> None:
-        if isinstance(output, torch.Tensor) and not output.requires_grad and self.active():
-            output.requires_grad_(True)
+    def _done(self, *_: Any) -> None:
+        if self.during is not None:
+            self.during.remove()
+            self.during = None
+
+
+def _embedded(module: nn.Module, args: Any, output: Any) -> None:
+    if isinstance(output, torch.Tensor) and not output.requires_grad:
+        output.requires_grad_(True)
 
 
 def _needing_grad(value: Any) -> Any:
