@@ -228,3 +228,28 @@ def test_hf_models_offer_example_inputs_for_a_trial_forward(kind: str) -> None:
     with torch.no_grad():
         model(**inputs)  # the model runs on its own example inputs
     assert _compat.dummy_inputs(nn.Linear(2, 2)) is None
+
+
+def test_full_and_sliding_window_dynamic_layers_are_fillable_and_others_are_not() -> None:
+    names = _compat.fillable_layer_names()
+    assert names[0] == _compat.full_attention_layer_name()
+    assert "DynamicSlidingWindowLayer" in names, _where("cache_utils.DynamicSlidingWindowLayer")
+    windowed = transformers.MistralConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=50,
+        sliding_window=4,
+    )
+    assert _compat.is_fillable_dynamic(_compat.new_dynamic_cache(windowed))
+    static = transformers.StaticCache(config=windowed, max_cache_len=8)
+    assert not _compat.is_fillable_dynamic(static)
+    assert not _compat.is_fillable_dynamic(object())
+
+
+def test_attention_modules_declare_whether_they_are_causal() -> None:
+    assert _compat.causal_flags(CASES["llama"].build()) == {True}, _where("is_causal on Llama")
+    assert _compat.causal_flags(CASES["bert"].build()) == {False}, _where("is_causal on BERT")
+    assert _compat.causal_flags(nn.Linear(2, 2)) == set()

@@ -52,7 +52,7 @@ CONTRACT_CONFIGS: dict[str, Callable[[Case], MethodConfig]] = {
 
 # (method, case) -> (exception type, regex its message must match). The message names what is
 # supported, so a user learns what to do instead.
-PREFIX_SUPPORTED = r"Supported: decoder LMs and encoders of model_type gpt2, llama, .*bert"
+PREFIX_SUPPORTED = r"It needs a module \(the transformer body\) whose forward takes input_ids"
 UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
     ("prefix", "mlp"): (
         TypeError,
@@ -62,7 +62,7 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         TypeError,
         r"TinyTransformer: it is not a transformers model\. " + PREFIX_SUPPORTED,
     ),
-    ("prefix", "t5"): (TypeError, r"model_type 't5'\)\. " + PREFIX_SUPPORTED),
+    ("prefix", "t5"): (TypeError, r"T5ForConditionalGeneration: it is an encoder-decoder model"),
 }
 
 BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startswith("peftkit.")]

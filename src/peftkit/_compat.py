@@ -16,6 +16,7 @@ The pieces and where they changed:
 - ``DynamicCache(config=...)`` with per-layer objects in ``cache.layers`` (``DynamicLayer``, or a
   sliding-window kind) holding ``keys`` / ``values``: 4.57 and later.
 - ``cache_position`` (an index into the cache) is still taken by models of 4.57 and early 5.x.
+- Attention modules declare ``is_causal`` (True in decoders, False in BERT-style encoders).
 - Activation checkpointing: ``activation_checkpointing_enable`` (5.x) or
   ``gradient_checkpointing_enable`` (4.x); the per-module flag is ``gradient_checkpointing``.
 - GPT-2's ``Conv1D``: ``transformers.pytorch_utils.Conv1D``.
@@ -165,6 +166,32 @@ def is_full_attention_dynamic(cache: Any) -> bool:
     return all(type(layer) is dynamic_layer for layer in layers)
 
 
+def _fillable_layer_classes() -> tuple[type, ...]:
+    """The cache layer classes that hold plain keys/values a prefix can join: ``DynamicLayer`` and,
+    where the installed transformers has it, ``DynamicSlidingWindowLayer`` (4.56 and later)."""
+    import transformers.cache_utils as cache_utils
+
+    _, dynamic_layer = _cache_classes()
+    sliding = getattr(cache_utils, "DynamicSlidingWindowLayer", None)
+    return (dynamic_layer,) if sliding is None else (dynamic_layer, sliding)
+
+
+def fillable_layer_names() -> list[str]:
+    """Names of the cache layer classes a prefix can be put into."""
+    return [cls.__name__ for cls in _fillable_layer_classes()]
+
+
+def is_fillable_dynamic(cache: Any) -> bool:
+    """True for a ``DynamicCache`` whose every layer is a full-attention or sliding-window
+    ``DynamicLayer`` (exactly those classes: quantized or linear-attention layers are not)."""
+    dynamic_cache, _ = _cache_classes()
+    layers = getattr(cache, "layers", None)
+    if not isinstance(cache, dynamic_cache) or layers is None:
+        return False
+    classes = _fillable_layer_classes()
+    return all(type(layer) in classes for layer in layers)
+
+
 def cached_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Every filled layer's (keys, values), each (batch, heads, tokens, head_dim)."""
     pairs = []
@@ -173,6 +200,17 @@ def cached_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
         if isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor):
             pairs.append((keys, values))
     return pairs
+
+
+# -- attention ---------------------------------------------------------------------------------
+def causal_flags(module: nn.Module) -> set[bool]:
+    """The ``is_causal`` flags transformers' attention modules inside ``module`` declare: {True}
+    for decoders, {False} for BERT-style encoders, empty where none declares one (Bloom)."""
+    return {
+        bool(m.is_causal)
+        for m in module.modules()
+        if isinstance(getattr(m, "is_causal", None), bool)
+    }
 
 
 # -- activation checkpointing ------------------------------------------------------------------

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Literal, overload
+from typing import Any, Literal, overload
 
 import torch
 from torch import nn
@@ -34,6 +34,7 @@ class AdapterState:
     methods: dict[str, Method] = field(default_factory=dict)
     base_flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
     load_guard: RemovableHandle | None = None
+    input_grads: Any = None  # input_grads.InputGrads: inputs that require grad under checkpointing
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
@@ -328,6 +329,9 @@ def _install_hooks(model: nn.Module, state: AdapterState) -> None:
 
     _compat.hook_save_pretrained(model, plain.for_save_pretrained)
     state.load_guard = model.register_load_state_dict_pre_hook(plain.refuse_plain_state)
+    from .input_grads import InputGrads
+
+    state.input_grads = InputGrads(model)
 
 
 def _drop_state(model: nn.Module, state: AdapterState) -> None:
@@ -335,6 +339,8 @@ def _drop_state(model: nn.Module, state: AdapterState) -> None:
         p.requires_grad_(flag)
     if state.load_guard is not None:
         state.load_guard.remove()
+    if state.input_grads is not None:
+        state.input_grads.remove()
     from . import _compat
 
     _compat.unhook_save_pretrained(model)

@@ -375,7 +375,12 @@ def test_activation_checkpointing_raises_a_clear_error_in_training(which: str) -
 @pytest.mark.parametrize(
     ("make", "message"),
     [
-        (_small("mistral", sliding_window=4), "sliding window would drop the prefix"),
+        (
+            lambda: transformers.DistilBertModel(
+                transformers.DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+            ),
+            r"no module of it takes one with an attention mask .* no place for extra keys",
+        ),
         (
             lambda: transformers.GPT2LMHeadModel(
                 transformers.GPT2Config(n_layer=1, n_embd=16, n_head=2, add_cross_attention=True)
@@ -383,7 +388,7 @@ def test_activation_checkpointing_raises_a_clear_error_in_training(which: str) -
             "cross-attention",
         ),
     ],
-    ids=["sliding-window", "cross-attention"],
+    ids=["no-cache", "cross-attention"],
 )
 def test_unsupported_attention_is_a_clear_error(
     make: Callable[[], nn.Module], message: str
@@ -391,7 +396,8 @@ def test_unsupported_attention_is_a_clear_error(
     model = make()
     with pytest.raises(UnsupportedModelError, match=message):
         apply_prefix(model)
-    assert not peftkit.adapters(model) and not hasattr(model.base_model, ATTR)
+    assert not peftkit.adapters(model)
+    assert not any(hasattr(m, ATTR) for m in model.modules())
 
 
 @pytest.mark.parametrize("version", ["4.56.2", "3.0.0", "dev"])
@@ -593,3 +599,34 @@ def test_bad_config_values_raise_errors_that_name_the_fix(
 def test_config_round_trips_through_json() -> None:
     config = PrefixConfig(prefix_length=2, init_token_ids=(3, 4), modules_to_save=("classifier",))
     assert PrefixConfig.from_dict(config.to_dict()) == config
+
+
+def test_supported_model_types_still_answers_with_a_deprecation_warning() -> None:
+    prefix_module = sys.modules["peftkit.methods.prefix"]
+    with pytest.warns(DeprecationWarning, match="works on any transformers model"):
+        assert "llama" in prefix_module.SUPPORTED_MODEL_TYPES
+
+
+def test_cache_layers_without_plain_keys_and_values_are_refused_with_the_reason(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # As a state-space or linear-attention layer's cache would be: nothing a prefix can join.
+    from peftkit import _compat
+
+    monkeypatch.setattr(_compat, "is_fillable_dynamic", lambda cache: False)
+    model = _build("llama")
+    with pytest.raises(UnsupportedModelError, match=r"LlamaModel: its cache layers are \['Dyn"):
+        apply_prefix(model)
+    assert not peftkit.adapters(model)
+    assert not any(hasattr(m, ATTR) for m in model.modules())
+
+
+def test_the_body_is_the_innermost_module_that_takes_a_cache() -> None:
+    opt = transformers.OPTForCausalLM(
+        transformers.OPTConfig(
+            vocab_size=50, hidden_size=16, num_hidden_layers=1, ffn_dim=32, num_attention_heads=2,
+            word_embed_proj_dim=16,
+        )
+    )  # fmt: skip
+    apply_prefix(opt, prefix_length=2)
+    assert hasattr(opt.model.decoder, ATTR) and not hasattr(opt.model, ATTR)

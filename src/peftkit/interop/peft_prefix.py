@@ -27,7 +27,7 @@ from torch import nn
 from ..layers import SavedModule
 from ..methods.base import Method
 from ..methods.prefix import Prefix, PrefixConfig
-from ..methods.prefix.injection import UnsupportedModelError, locate
+from ..methods.prefix.injection import UnsupportedModelError, located
 from ..methods.prefix.table import KVShape
 from ..targeting import iter_modules
 from .peft import (
@@ -134,7 +134,7 @@ def _peft_fields(config: PrefixConfig, shape: KVShape, to_save: list[str]) -> di
 
 def _locate(model: nn.Module) -> tuple[nn.Module, KVShape]:
     try:
-        body, shape, _ = locate(model)
+        body, shape, _ = located(model)
     except UnsupportedModelError as err:
         raise InteropError(f"peftkit's prefix-tuning does not support this model: {err}") from err
     return body, shape

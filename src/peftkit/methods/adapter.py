@@ -14,8 +14,8 @@ weights: merging leaves them in place (the merge report says so); ``unload`` rem
 from __future__ import annotations
 
 import re
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -34,7 +34,15 @@ from ..config import (
 )
 from ..layers import AdapterLayer
 from ..registry import register_method
-from ..targeting import TargetError, is_linear, iter_modules, linear_features, select, set_module
+from ..targeting import (
+    TargetError,
+    is_linear,
+    iter_modules,
+    linear_features,
+    select,
+    set_module,
+)
+from .adapter_places import derive_places
 from .base import Method, apply_with
 
 Form = Literal["houlsby", "pfeiffer", "parallel"]
@@ -60,8 +68,9 @@ class AdapterConfig(MethodConfig):
     dropout: dropout on the adapter's input (0 adds no op).
     layer_norm: a trainable LayerNorm on the adapter's input.
     targets: None places adapters by the preset for BERT/RoBERTa, GPT-2, Llama-family or T5 module
-        names. A list (name suffixes or ``re:<regex>``) puts one adapter at each matching module: after
-        its output for houlsby/pfeiffer, beside it (reading its first input) for parallel.
+        names, or for any other transformer by its structure (``adapter_places``). A list (name
+        suffixes or ``re:<regex>``) puts one adapter at each matching module: after its output for
+        houlsby/pfeiffer, beside it (reading its first input) for parallel.
     exclude / layers / layers_pattern: as for LoRA; they narrow presets and explicit targets alike.
     adapter_dtype: as for LoRA (``"auto"``: float32 on a bf16/fp16 or quantized base).
     """
@@ -129,6 +138,7 @@ class Preset:
     ffn: str
     block: str
     residual_block: bool = False
+    widths: Mapping[str, int] = field(default_factory=dict)  # of places no linear layer tells
 
 
 PRESETS = (
@@ -160,18 +170,43 @@ PRESETS = (
 )
 
 
-def find_preset(model: nn.Module) -> Preset:
-    """The preset whose feed-forward names occur in ``model``; an error asking for targets if none."""
+def match_preset(model: nn.Module) -> Preset | None:
+    """The hand-written preset whose feed-forward names occur in ``model``, if any."""
     names = [n for n, _ in iter_modules(model) if n]
     for preset in PRESETS:
         if any(re.fullmatch(preset.ffn, n) for n in names):
             return preset
+    return None
+
+
+def find_preset(model: nn.Module) -> Preset:
+    """The preset for ``model``: a hand-written one, else one derived from its module structure
+    (``adapter_places``); an error asking for targets if neither finds the feed-forward outputs."""
+    preset = match_preset(model)
+    if preset is not None:
+        return preset
+    places = derive_places(model)
+    if places:
+        return Preset(
+            f"derived from {type(model).__name__}",
+            attention=_exactly(places.attention),
+            ffn=_exactly(places.ffn),
+            block=_exactly(places.block),
+            widths=places.widths,
+        )
+    names = [n for n, _ in iter_modules(model) if n]
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
     raise TargetError(
-        f"adapter: no preset recognises {type(model).__name__} (presets cover BERT/RoBERTa, GPT-2, "
-        "Llama-family and T5 module names); pass targets=[...] naming the modules to put adapters "
-        f"after, e.g. the feed-forward output projection. Module names include: {leaves[:12]}"
+        f"adapter: no preset recognises {type(model).__name__} and its structure shows no repeated "
+        "blocks with attention and a feed-forward output; pass targets=[...] naming the modules to "
+        f"put adapters after, e.g. the feed-forward output projection. Module names include: "
+        f"{leaves[:12]}"
     )
+
+
+def _exactly(names: list[str]) -> str:
+    """A full-match regex for exactly ``names`` (one that matches nothing when there are none)."""
+    return "|".join(re.escape(n) for n in names) if names else r"(?!)"
 
 
 # -- layers -----------------------------------------------------------------------------------------
@@ -328,8 +363,9 @@ class Adapter(Method):
         return AdapterConfig(form="pfeiffer", layer_norm=True)
 
     def inject(self, model: nn.Module) -> None:
+        widths = {} if self.config.targets is not None else find_preset(model).widths
         for path, module, kind in self.placement(model):
-            width = stream_width(module, path)
+            width = widths.get(path) or stream_width(module, path)
             if kind is ParallelAdapter:
                 _check_square(module, path)
             layer = kind(module, self.adapter_name, path, width=width, config=self.config)
@@ -347,10 +383,16 @@ class Adapter(Method):
             return [(n, m, kind) for n, m in self._select(model, cfg.targets)]
         preset = find_preset(model)
         if cfg.form == "parallel":
+            if preset.block == r"(?!)":
+                raise TargetError(
+                    f"adapter: the feed-forward layers of {type(model).__name__} are not held by one "
+                    "module a parallel adapter could sit beside; pass targets=[...] naming the "
+                    "feed-forward blocks, or use form='pfeiffer'"
+                )
             kind = ResidualParallelAdapter if preset.residual_block else ParallelAdapter
             return [(n, m, kind) for n, m in self._select(model, ["re:" + preset.block])]
         patterns = ["re:" + preset.ffn]
-        if cfg.form == "houlsby":
+        if cfg.form == "houlsby" and preset.attention != r"(?!)":
             patterns.insert(0, "re:" + preset.attention)
         return [(n, m, SequentialAdapter) for n, m in self._select(model, patterns)]
 

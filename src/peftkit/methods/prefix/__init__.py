@@ -11,6 +11,7 @@ it works in training, in ``generate()`` with the cache, and with padded batches.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -23,18 +24,16 @@ from ...config import MethodConfig, check_finite_number, check_positive_int
 from ...registry import register_method
 from ..base import MergeReport, Method, apply_with
 from .injection import (
-    ATTR,
-    SUPPORTED_MODEL_TYPES,
     TRANSFORMERS_RANGE,
     PrefixInjector,
     UnsupportedModelError,
-    locate,
+    injector_of,
+    located,
     supported_range,
 )
 from .table import KVShape, PrefixTable
 
 __all__ = [
-    "SUPPORTED_MODEL_TYPES",
     "TRANSFORMERS_RANGE",
     "KVShape",
     "Prefix",
@@ -132,7 +131,7 @@ class Prefix(Method):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def inject(self, model: nn.Module) -> None:
-        body, shape, encoder = locate(model)
+        body, shape, encoder = located(model)
         weight = next(body.parameters())
         mlp_hidden = None if self.start_folded else self.config.mlp_hidden
         table = PrefixTable(
@@ -154,9 +153,9 @@ class Prefix(Method):
 
     def remove(self, model: nn.Module) -> None:
         super().remove(model)
-        body = getattr(model, "base_model", model)
-        injector = body._modules.get(ATTR)
-        if isinstance(injector, PrefixInjector):
+        found = injector_of(model)
+        if found is not None:
+            body, injector = found
             if self.adapter_name in injector.tables:
                 del injector.tables[self.adapter_name]
             if not len(injector.tables):
@@ -219,6 +218,20 @@ class Prefix(Method):
             return {}
         how = "plain" if self.table.folded else f"mlp {self.config.mlp_hidden}"
         return {"prefix": self.table.length, "table": how}
+
+
+def __getattr__(name: str) -> Any:
+    """``SUPPORTED_MODEL_TYPES``: deprecated; support is found by capability, not by model type."""
+    if name == "SUPPORTED_MODEL_TYPES":
+        warnings.warn(
+            "peftkit.methods.prefix.SUPPORTED_MODEL_TYPES is deprecated: prefix-tuning works on any "
+            "transformers model whose body takes a KV cache (docs/coverage.md); apply_prefix "
+            "raises UnsupportedModelError with the reason otherwise",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _init_from_tokens(body: nn.Module, table: PrefixTable, ids: Sequence[int]) -> None:

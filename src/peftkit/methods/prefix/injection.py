@@ -19,7 +19,6 @@ again. Nothing here subclasses or patches a transformers class.
 from __future__ import annotations
 
 import inspect
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,17 +28,16 @@ from torch import nn
 from ... import _compat
 from ..._compat import UnsupportedModelError, check_transformers_version
 from ...layers import AdapterModule
+from .discovery import locate
 from .table import KVShape, PrefixTable
 
-__all__ = ["UnsupportedModelError", "check_transformers_version"]  # re-exported from _compat
+# re-exported: UnsupportedModelError and check_transformers_version from _compat, locate
+__all__ = ["UnsupportedModelError", "check_transformers_version", "locate"]
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama", "mistral", "qwen2", "qwen3", "bert")
-ENCODER_MODEL_TYPES = ("bert",)
 # (oldest (major, minor, patch), newest or None): the declared window, kept in _compat.
 TRANSFORMERS_RANGE = (_compat.TRANSFORMERS_MIN, None)
 ATTR = "peftkit_prefix"
 _MARK = "_peftkit_prefix"
-_BODY_ARGS = ("attention_mask", "position_ids")  # and a KV cache, under the version's name
 
 CHECKPOINTING_ERROR = (
     "prefix-tuning feeds its prefix to attention through the KV cache, and transformers' activation "
@@ -54,67 +52,25 @@ def supported_range() -> str:
     return _compat.transformers_window()
 
 
-def supported_models() -> str:
-    return (
-        f"decoder LMs and encoders of model_type {', '.join(SUPPORTED_MODEL_TYPES)} "
-        f"with full attention, on {supported_range()}"
-    )
+def injector_of(model: nn.Module) -> tuple[nn.Module, PrefixInjector] | None:
+    """The body that holds ``model``'s prefix injector, and the injector; None without one."""
+    for module in model.modules():
+        found = module._modules.get(ATTR)
+        if isinstance(found, PrefixInjector):
+            return module, found
+    return None
 
 
-def locate(model: nn.Module) -> tuple[nn.Module, KVShape, bool]:
-    """The body to hook, the per-layer cache shape, and whether the body needs an explicit mask.
-
-    Raises ``UnsupportedModelError`` naming what is supported.
-    """
-    config = getattr(model, "config", None)
-    model_type = getattr(config, "model_type", None)
-    if "transformers" not in sys.modules or model_type is None:
-        raise UnsupportedModelError(
-            f"prefix-tuning cannot handle {type(model).__name__}: it is not a transformers model. "
-            f"Supported: {supported_models()}"
-        )
-    if model_type not in SUPPORTED_MODEL_TYPES or getattr(config, "is_encoder_decoder", False):
-        raise UnsupportedModelError(
-            f"prefix-tuning cannot handle {type(model).__name__} (model_type {model_type!r}). "
-            f"Supported: {supported_models()}"
-        )
-    if getattr(config, "add_cross_attention", False):
-        raise UnsupportedModelError(
-            f"prefix-tuning cannot handle {type(model).__name__} with cross-attention "
-            "(add_cross_attention=True); it supports self-attention decoders and encoders"
-        )
-    check_transformers_version(_compat.transformers_version(), "prefix-tuning")
-    _check_full_attention(model, config)
-    body: nn.Module = getattr(model, "base_model", model)
-    params = inspect.signature(body.forward).parameters
-    lacking = [name for name in _BODY_ARGS if name not in params]
-    if lacking or not any(name in params for name in _compat.CACHE_ARGUMENTS):
-        needs = [*_BODY_ARGS, " or ".join(_compat.CACHE_ARGUMENTS)]
-        raise UnsupportedModelError(
-            f"prefix-tuning needs {type(body).__name__}.forward to take {', '.join(needs)}; it "
-            f"takes {list(params)} on transformers {_compat.transformers_version()}. "
-            f"Supported: {supported_models()}"
-        )
-    encoder = model_type in ENCODER_MODEL_TYPES and not getattr(config, "is_decoder", False)
-    return body, kv_shape(config), encoder
-
-
-def _check_full_attention(model: nn.Module, config: Any) -> None:
-    kinds = _compat.cache_layer_kinds(config)
-    if any(kind != _compat.full_attention_layer_name() for kind in kinds):
-        raise UnsupportedModelError(
-            f"prefix-tuning cannot handle {type(model).__name__}: its cache layers are {kinds}, and "
-            "a sliding window would drop the prefix. It supports full-attention layers only (e.g. "
-            "a config with sliding_window=None)"
-        )
-
-
-def kv_shape(config: Any) -> KVShape:
-    """Heads and head size of the cached keys/values, from the model config."""
-    heads = int(config.num_attention_heads)
-    kv_heads = int(getattr(config, "num_key_value_heads", None) or heads)
-    head_dim = int(getattr(config, "head_dim", None) or config.hidden_size // heads)
-    return KVShape(int(config.num_hidden_layers), kv_heads, head_dim, int(config.hidden_size))
+def located(model: nn.Module) -> tuple[nn.Module, KVShape, bool]:
+    """``locate(model)``, or, once a prefix is installed, its body and shape (no probe forward)."""
+    found = injector_of(model)
+    if found is None:
+        return locate(model)
+    body, injector = found
+    tables = [t for t in injector.tables.values() if isinstance(t, PrefixTable)]
+    if not tables:
+        return locate(model)
+    return body, tables[0].shape, injector.encoder
 
 
 @dataclass
@@ -149,6 +105,7 @@ class PrefixInjector(AdapterModule):
         kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
         self.arg_names = [p.name for p in params if p.kind in kinds]
         self.cache_arg = _compat.cache_argument(body)
+        self.takes_positions = "position_ids" in inspect.signature(body.forward).parameters
         self.checkpointing = _compat.checkpointing_modules(body)
         self.hook_ids: tuple[int, int] = (-1, -1)
 
@@ -212,11 +169,12 @@ class PrefixInjector(AdapterModule):
         cache, past, prefix = self._cache(body, given, mark, active, batch)
         mask = named.get("attention_mask")
         named[self.cache_arg] = cache
-        if named.get("position_ids") is None:
-            named["position_ids"] = _positions(mask, past, seq, lead.device)
-        shift = _position_shift(active, prefix)
-        if shift:
-            named["position_ids"] = named["position_ids"] + shift
+        if self.takes_positions:  # ALiBi models (Bloom) take none: their biases are relative
+            if named.get("position_ids") is None:
+                named["position_ids"] = _positions(mask, past, seq, lead.device)
+            shift = _position_shift(active, prefix)
+            if shift:
+                named["position_ids"] = named["position_ids"] + shift
         named["attention_mask"] = self._mask(mask, batch, prefix, past + seq, lead.device)
         if named.get(_compat.CACHE_POSITION) is not None:  # models of 4.57 / early 5.x take it
             named[_compat.CACHE_POSITION] = named[_compat.CACHE_POSITION] + prefix  # cache index
@@ -324,10 +282,11 @@ def _positions(
 
 
 def _check_fillable(cache: Any) -> None:
-    if not _compat.is_full_attention_dynamic(cache):
+    if not _compat.is_fillable_dynamic(cache):
         raise UnsupportedModelError(
-            f"prefix-tuning puts its prefix into a DynamicCache with full-attention layers "
-            f"(generate()'s default); got {type(cache).__name__}. Use the default cache"
+            f"prefix-tuning puts its prefix into a DynamicCache with full-attention or "
+            f"sliding-window layers (generate()'s default); got {type(cache).__name__}. Use the "
+            "default cache"
         )
     if cache.get_seq_length() != 0:
         raise RuntimeError(
