@@ -110,16 +110,21 @@ def test_a_step_the_scaler_skips_runs_no_method_hook() -> None:
     torch.manual_seed(0)
     model = TinyTransformer()
     apply_adalora(
-        model, init_r=4, target_r=2, total_steps=100, t_init=1, t_final=10, delta_t=2,
+        model, init_r=4, target_r=2, total_steps=6, t_init=1, t_final=2, delta_t=1,
         targets=["q_proj", "v_proj"],
     )  # fmt: skip
     method = peftkit.adapters(model)["default"]
     calls: list[int] = []
     original = method.on_step_end
 
+    finite: list[bool] = []
+
     def spy(m: nn.Module, step: int) -> None:
         calls.append(step)
         original(m, step)
+        if method._importance is not None:  # freed once the final ranks are fixed
+            tensors = [*method._importance.sens, *method._importance.unc]
+            finite.append(all(bool(torch.isfinite(t).all()) for t in tensors))
 
     method.on_step_end = spy  # type: ignore[method-assign]
     _overflow_at(model, step=2)
@@ -129,9 +134,7 @@ def test_a_step_the_scaler_skips_runs_no_method_hook() -> None:
     trainer.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
     trainer.fit(lm_data())
     assert calls == [0, 1, 3, 4, 5]  # step 2 overflowed: its gradients reached no hook
-    importance = method._importance
-    assert importance is not None
-    assert all(torch.isfinite(t).all() for t in [*importance.sens, *importance.unc])
+    assert finite and all(finite)  # the importance EMA never saw the overflowing gradients
     assert trainer.scaler.get_scale() < 2.0**10
 
 
