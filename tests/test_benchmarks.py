@@ -147,12 +147,17 @@ def tiny_bert_dir(path: Path) -> Path:
     return path
 
 
-def test_quality_smoke_trains_and_scores_every_method(tmp_path: Path) -> None:
-    data = tmp_path / "sst2"
-    data.mkdir()
+def sst2_like_dir(path: Path) -> Path:
+    """A directory in SST-2's layout (train.tsv, dev.tsv) holding the test sentences."""
+    path.mkdir()
     rows = "".join(f"{s}\t{y}\n" for s, y in SENTENCES)
-    (data / "train.tsv").write_text("sentence\tlabel\n" + rows * 4)
-    (data / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+    (path / "train.tsv").write_text("sentence\tlabel\n" + rows * 4)
+    (path / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+    return path
+
+
+def test_quality_smoke_trains_and_scores_every_method(tmp_path: Path) -> None:
+    data = sst2_like_dir(tmp_path / "sst2")
     model = tiny_bert_dir(tmp_path / "bert")
     args = ["--smoke", "--data", str(data), "--model", str(model), "--out", str(tmp_path)]
     run("quality.py", *args, *VS_PEFT)
@@ -188,11 +193,7 @@ def test_trainer_overhead_smoke_compares_the_two_steps() -> None:
 
 
 def test_augment_smoke_measures_the_overhead_and_runs_the_study(tmp_path: Path) -> None:
-    data = tmp_path / "sst2"
-    data.mkdir()
-    rows = "".join(f"{s}\t{y}\n" for s, y in SENTENCES)
-    (data / "train.tsv").write_text("sentence\tlabel\n" + rows * 4)
-    (data / "dev.tsv").write_text("sentence\tlabel\n" + rows)
+    data = sst2_like_dir(tmp_path / "sst2")
     model = tiny_bert_dir(tmp_path / "bert")
     out = run("augment.py", "--smoke", "--study", "--data", str(data), "--model", str(model))
     assert "augment adds" in out and "ms per sentence" in out

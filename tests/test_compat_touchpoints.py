@@ -79,10 +79,9 @@ def test_a_dynamic_cache_has_per_layer_keys_and_values() -> None:
     assert _compat.is_full_attention_dynamic(cache), _where("DynamicLayer as the layer class")
 
 
-def test_cache_layer_kinds_tell_full_from_sliding_window_attention() -> None:
-    full = _compat.full_attention_layer_name()
-    assert _compat.cache_layer_kinds(CASES["llama"].build().config) == [full]
-    windowed = transformers.MistralConfig(
+def _windowed_config() -> transformers.PretrainedConfig:
+    """A tiny Mistral whose attention layers use a 4-token sliding window."""
+    return transformers.MistralConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -91,6 +90,12 @@ def test_cache_layer_kinds_tell_full_from_sliding_window_attention() -> None:
         vocab_size=50,
         sliding_window=4,
     )
+
+
+def test_cache_layer_kinds_tell_full_from_sliding_window_attention() -> None:
+    full = _compat.full_attention_layer_name()
+    assert _compat.cache_layer_kinds(CASES["llama"].build().config) == [full]
+    windowed = _windowed_config()
     assert _compat.cache_layer_kinds(windowed) != [full], _where("sliding-window cache layers")
 
 
@@ -234,15 +239,7 @@ def test_full_and_sliding_window_dynamic_layers_are_fillable_and_others_are_not(
     names = _compat.fillable_layer_names()
     assert names[0] == _compat.full_attention_layer_name()
     assert "DynamicSlidingWindowLayer" in names, _where("cache_utils.DynamicSlidingWindowLayer")
-    windowed = transformers.MistralConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=50,
-        sliding_window=4,
-    )
+    windowed = _windowed_config()
     assert _compat.is_fillable_dynamic(_compat.new_dynamic_cache(windowed))
     static = transformers.StaticCache(config=windowed, max_cache_len=8)
     assert not _compat.is_fillable_dynamic(static)

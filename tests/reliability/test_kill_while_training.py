@@ -16,7 +16,6 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -28,17 +27,6 @@ from peftkit.training import state as S
 from train_worker import STEPS, fit
 
 WORKER = Path(__file__).with_name("train_worker.py")
-
-
-@pytest.fixture
-def one_thread() -> Iterator[None]:
-    """Both processes on one thread: the same float reductions, and fast on a busy machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _kill_mid_run(out: Path, seed: int) -> int:
