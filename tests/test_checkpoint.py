@@ -185,3 +185,28 @@ def test_the_file_names_are_peftkits_own(tmp_path: Path) -> None:
     # A run directory of old peftkit checkpoints is not a directory of peft adapters.
     shutil.copytree(FORMAT_1, tmp_path / "runs" / "checkpoint-1")
     assert checkpoint_layout(tmp_path / "runs") is None
+
+
+def test_a_prefix_over_lora_loads_although_its_probe_cannot_run_on_the_shape_only_copy(
+    tmp_path: Path,
+) -> None:
+    """Loading first builds the adapters on a meta-device copy to check their shapes; prefix-tuning
+    runs the model there to read its cache layout, through the LoRA layers (whose autocast check
+    must accept meta tensors) or through kernels without meta support (then the check runs after
+    building on the real model)."""
+    from peftkit.layers import autocast_on
+
+    assert autocast_on(torch.empty(2, device="meta")) is False
+    model = CASES["llama"].build()
+    apply_lora(model, r=2, targets=["q_proj"], adapter_name="lora")
+    peftkit.apply_prefix(model, prefix_length=3, adapter_name="prefix")
+    perturb(model)
+    batch = CASES["llama"].inputs()
+    model.eval()
+    with torch.no_grad():
+        want = model(**batch).logits
+    save_adapter(model, tmp_path)
+    fresh = load_adapter(CASES["llama"].build(), tmp_path)
+    fresh.eval()
+    with torch.no_grad():
+        assert torch.equal(fresh(**batch).logits, want)

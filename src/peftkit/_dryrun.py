@@ -46,7 +46,13 @@ def planned_shapes(
     except (RuntimeError, TypeError, NotImplementedError, AttributeError):
         return None
     names = []
-    for method in build():
-        attach(bones, method)
-        names.append(method.adapter_name)
+    try:
+        for method in build():
+            attach(bones, method)
+            names.append(method.adapter_name)
+    except (RuntimeError, NotImplementedError):
+        # A method that runs the model to size itself (prefix-tuning's cache probe) met a kernel
+        # without meta support (e.g. Mixtral's grouped matmul): build on the real model, as for a
+        # model that cannot be copied, where any error of the adapter itself surfaces again.
+        return None
     return {k: tuple(t.shape) for k, t in adapter_state_dict(bones, names).items()}

@@ -45,11 +45,19 @@ def has_call_hooks(module: nn.Module) -> bool:
     )
 
 
+def autocast_on(x: torch.Tensor) -> bool:
+    """Whether autocast is on for x's device type; False for a type autocast does not know (the
+    meta tensors of a shape-only dry run, see _dryrun), where torch would raise."""
+    if x.is_meta:
+        return False
+    return torch.is_autocast_enabled(x.device.type)
+
+
 def cast_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     """``t`` (an adapter's small parameter) in x's dtype, so float32 adapter parameters on a 16-bit
     base cast themselves, never the activations. No copy when the dtypes match; under autocast the
     op casts on its own."""
-    if t.dtype == x.dtype or torch.is_autocast_enabled(x.device.type):
+    if t.dtype == x.dtype or autocast_on(x):
         return t
     return t.to(x.dtype)
 

@@ -32,7 +32,7 @@ from ..config import (
     check_positive_int,
     check_probability,
 )
-from ..layers import AdapterLayer
+from ..layers import AdapterLayer, autocast_on
 from ..registry import register_method
 from ..targeting import (
     TargetError,
@@ -243,7 +243,7 @@ class BottleneckLayer(AdapterLayer):
 
         float32 parameters on a 16-bit stream (``adapter_dtype="auto"``): the small (m, d) weights
         are cast to the stream's dtype, never the (..., d) activations to float32."""
-        if h.dtype == self.adapter_down.weight.dtype or torch.is_autocast_enabled(h.device.type):
+        if h.dtype == self.adapter_down.weight.dtype or autocast_on(h):
             hidden = self.activation(self.adapter_down(self.adapter_dropout(self.adapter_norm(h))))
             out: torch.Tensor = self.adapter_up(hidden)
             return out

@@ -24,7 +24,7 @@ from ..config import (
     check_positive_int,
     check_probability,
 )
-from ..layers import AdapterLayer, cast_like
+from ..layers import AdapterLayer, autocast_on, cast_like
 from ..registry import register_method
 from ..targeting import check_patterns_match, first_match, is_conv1d, linear_features
 from .base import SwapMethod, apply_with
@@ -259,7 +259,7 @@ def _add_scaled(y: torch.Tensor, h: torch.Tensor, layer: LoraLayer, private: boo
     """
     b: torch.Tensor = layer.lora_B
     scale = layer.scaling
-    if not torch.is_autocast_enabled(y.device.type):
+    if not autocast_on(y):
         h, b = h.to(y.dtype), b.to(y.dtype)  # float32 factors on a 16-bit base: cast the small ones
     if private and y._base is None and y.dtype == h.dtype:
         return y.addmm_(h, b.to(y.dtype).t(), alpha=scale)
