@@ -126,3 +126,32 @@ def test_encoder_layer_without_its_fast_path_can_be_adapted() -> None:
             torch.testing.assert_close(model(x), y, rtol=1e-4, atol=1e-5)
     finally:
         torch.backends.mha.set_fastpath_enabled(was)
+
+
+class _OneEmbeddingTwoNames(nn.Module):
+    """The same Embedding object reached as ``shared`` and ``encoder.embed`` (as transformers 4.x
+    builds T5); the forward calls it through ``encoder.embed`` only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.shared = nn.Embedding(10, 4)
+        self.encoder = nn.Module()
+        self.encoder.embed = self.shared
+        self.head = nn.Linear(4, 2)
+
+    @property
+    def dummy_inputs(self) -> dict[str, torch.Tensor]:
+        return {"ids": torch.tensor([[1, 2, 3]])}
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.head(self.encoder.embed(ids))
+
+
+def test_a_module_reached_by_two_names_is_refused_under_the_name_the_forward_never_calls() -> None:
+    pytest.importorskip("transformers")  # the trial forward runs where HF example inputs exist
+    model = _OneEmbeddingTwoNames()
+    with pytest.raises(TargetError, match=r"never calls it; encoder\.embed hold the same weight"):
+        apply_lora(model, r=2, targets=["shared"])
+    assert type(model.shared) is nn.Embedding and model.encoder.embed is model.shared
+    apply_lora(model, r=2, targets=["encoder.embed"])  # the name that runs is accepted
+    assert isinstance(model.encoder.embed, peftkit.AdapterLayer)
