@@ -100,6 +100,12 @@ def _add(model: nn.Module, kind: str, name: str) -> None:
             for p in peftkit.adapters(model)[name].parameters():
                 p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(3)).to(p) * 0.5)
         return
+    if kind == "ia3":
+        peftkit.apply_ia3(model, targets=["q", "v"], feedforward=["v"], adapter_name=name)
+        with torch.no_grad():
+            for p in peftkit.adapters(model)[name].parameters():
+                p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)).to(p) * 0.5)
+        return
     if kind == "full":
         peftkit.apply_full(model, adapter_name=name)
         with torch.no_grad():
@@ -154,7 +160,7 @@ def test_a_layer_that_cannot_depend_on_the_weight_keeps_no_copy() -> None:
     assert scale.record.bias is not None
 
 
-KINDS = ["weight", "scale", "lora", "full"]
+KINDS = ["weight", "scale", "ia3", "lora", "full"]
 PAIRS = [(a, b) for a, b in itertools.product(KINDS, KINDS) if (a, b) != ("full", "full")]
 
 
