@@ -14,7 +14,15 @@ import pytest
 import torch
 
 import peftkit
-from peftkit import AdaLoraConfig, AdapterConfig, FullConfig, LoraConfig, MethodConfig, PrefixConfig
+from peftkit import (
+    AdaLoraConfig,
+    AdapterConfig,
+    FullConfig,
+    IA3Config,
+    LoraConfig,
+    MethodConfig,
+    PrefixConfig,
+)
 from peftkit.registry import spec
 
 from helpers import perturb, snapshot
@@ -47,6 +55,7 @@ CONTRACT_CONFIGS: dict[str, Callable[[Case], MethodConfig]] = {
         modules_to_save=case.head,
     ),
     "full": lambda case: FULL_CONFIGS[case.name](case),
+    "ia3": lambda case: IA3Config(modules_to_save=case.head),
     "prefix": lambda case: PrefixConfig(prefix_length=3, modules_to_save=case.head),
 }
 

@@ -34,6 +34,7 @@ from .methods.adalora import AdaLoraConfig, apply_adalora, rank_pattern
 from .methods.adapter import AdapterConfig, apply_adapter
 from .methods.base import MergeReport, Method, SwapMethod
 from .methods.full import FullConfig, apply_full
+from .methods.ia3 import IA3Config, apply_ia3
 from .methods.lora import LoraConfig, apply_lora
 from .methods.prefix import PrefixConfig, apply_prefix, fold_prefix
 from .plain import PlainModelError, plain_state_dict
@@ -52,6 +53,7 @@ __all__ = [
     "AdapterModule",
     "CheckpointError",
     "FullConfig",
+    "IA3Config",
     "LoraConfig",
     "MergeReport",
     "Method",
@@ -75,6 +77,7 @@ __all__ = [
     "apply_adalora",
     "apply_adapter",
     "apply_full",
+    "apply_ia3",
     "apply_lora",
     "apply_prefix",
     "augment",

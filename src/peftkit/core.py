@@ -216,6 +216,7 @@ def _check_switch(model: nn.Module, method: Method, active: bool) -> None:
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``, restoring exactly the modules that were there before it."""
     _check_switch(unwrap_model(model), _method(model, name), False)
+    _check_unmerge_order(unwrap_model(model), _method(model, name))
     detach(model, name)
 
 
@@ -303,6 +304,7 @@ def _merge(model: nn.Module, names: str | Sequence[str] | None, *, unload: bool)
     state = _require(model)
     inner = unwrap_model(model)
     chosen = adapter_name_list(model, names) if names is not None else active_adapters(model)
+    chosen = [name for name in state.methods if name in chosen]  # inner stacks merge first
     for name in chosen:  # every refusal before the first change
         state.methods[name].check_merge()
     report = MergeReport()
@@ -317,9 +319,32 @@ def _merge(model: nn.Module, names: str | Sequence[str] | None, *, unload: bool)
 
 
 def unmerge(model: nn.Module) -> None:
-    """Undo ``merge``: subtract the folded updates; adapters compute on their own path again."""
-    for method in adapters(model).values():
-        method.unmerge()
+    """Undo ``merge``: every merged layer restores what its merge changed, the latest merge first
+    (so each finds the weight its merge left); adapters compute on their own path again."""
+    merged = [layer for m in adapters(model).values() for layer in m.layers if layer.merged]
+    for layer in sorted(merged, key=lambda la: la.merge_order, reverse=True):
+        layer.unmerge()
+
+
+def _check_unmerge_order(model: nn.Module, method: Method) -> None:
+    """Refuse to unmerge ``method`` alone while a later merge into the same weight stands: putting
+    back the weight it found would drop that merge. Nothing changes before the refusal."""
+    wrappers = [m for m in model.modules() if isinstance(m, AdapterLayer) and m.merged]
+    for layer in method.layers:
+        if not layer.merged:
+            continue
+        bottom = layer.base_layer()
+        later = [
+            m.adapter_name
+            for m in wrappers
+            if m.merge_order > layer.merge_order and m.base_layer() is bottom
+        ]
+        if later:
+            raise RuntimeError(
+                f"adapter {method.adapter_name!r} at {layer.path!r} was merged before adapter "
+                f"{later[0]!r}, which is still merged into the same weight; call "
+                "peftkit.unmerge(model) first (it undoes merges latest first)"
+            )
 
 
 def _install_hooks(model: nn.Module, state: AdapterState) -> None:

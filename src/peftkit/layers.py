@@ -6,7 +6,9 @@ is always the model's original module, untouched unless a merge folds an update 
 from __future__ import annotations
 
 import copy
+import itertools
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
@@ -62,17 +64,41 @@ def cast_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return t.to(x.dtype)
 
 
+_MERGE_ORDER = itertools.count(1)
+
+
+@dataclass(frozen=True)
+class MergeRecord:
+    """What one layer's merge changed: its place in the merge order, and the weight and bias as
+    they were before it (None where nothing was kept: the bias was left as it was, or the update
+    is ``weight_independent`` and is subtracted again)."""
+
+    order: int
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+
+
+def wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in at least float32 (float64 stays float64): the precision an update is formed in."""
+    return t if t.dtype == torch.float64 else t.float()
+
+
 class AdapterLayer(nn.Module):
     """Base of every wrapper.
 
     Class attributes a subclass sets:
         additive: forward is ``base(x) + f(x)`` with ``f`` independent of the base output, so an
             update further out in a stack can still be folded into the base weight.
-        mergeable: ``delta_weight()`` describes the whole effect of the layer.
+        mergeable: ``merged_weight()`` / ``merged_bias()`` describe the whole effect of the layer.
+        weight_independent: the update (``delta_weight()``) cannot depend on the base weight, so
+            ``merge`` adds it in place and ``unmerge`` subtracts it again, keeping no copy of the
+            weight. Leave it False for any update computed from the weight: ``merge`` then writes
+            ``merged_weight(W)`` and keeps W to put back.
     """
 
     additive: ClassVar[bool] = False
     mergeable: ClassVar[bool] = False
+    weight_independent: ClassVar[bool] = False
 
     def __init__(self, base: nn.Module, adapter_name: str, path: str) -> None:
         super().__init__()
@@ -82,6 +108,7 @@ class AdapterLayer(nn.Module):
         self.active = True
         self.merged = False
         self.requantized: quant.QuantizedMerge | None = None  # a merge into a quantized base
+        self.record: MergeRecord | None = None  # what the merge changed, while merged
 
     def __getattr__(self, name: str) -> Any:
         # Transparent wrapper: model code that reads `self.wo.weight`, `.in_features` or `.nf` of a
@@ -119,6 +146,21 @@ class AdapterLayer(nn.Module):
             raise TypeError(
                 f"{type(self.base_layer()).__name__} at {self.path!r} has no weight tensor"
             )
+        return weight
+
+    def weight_below(self) -> torch.Tensor:
+        """The weight the stack below this layer computes with: the base weight with every enabled
+        layer below folded in (merged ones are in it already). A layer whose update reads the
+        weight computes it from this, so merging the layers below does not change its output."""
+        below: list[AdapterLayer] = []
+        inner = self.base
+        while isinstance(inner, AdapterLayer):
+            below.append(inner)
+            inner = inner.base
+        weight = self.base_weight()
+        for layer in reversed(below):
+            if layer.enabled:
+                weight = layer.merged_weight(weight)
         return weight
 
     def factor_placement(self, policy: str) -> dict[str, Any]:
@@ -163,31 +205,47 @@ class AdapterLayer(nn.Module):
         """The update this layer adds to ``base_layer().weight``, in that weight's layout."""
         raise NotImplementedError(f"{type(self).__name__} cannot be merged")
 
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        """The base weight with this layer folded in, given the weight as it is now (inner merges
+        included). Additive layers keep this default; a layer whose update depends on the weight
+        (a scaling, a normalisation) overrides it and leaves ``weight_independent`` False."""
+        return weight + self.delta_weight().to(device=weight.device, dtype=weight.dtype)
+
+    def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """The base bias with this layer folded in; the default leaves it unchanged (same tensor)."""
+        return bias
+
     def merge(self) -> None:
-        """Add ``delta_weight()`` to the base weight; forward then skips the adapter path."""
+        """Fold this layer into the base weight (and bias) and record exactly what changed, so
+        ``unmerge`` restores it; forward then skips the adapter path."""
         if self.merged:
             return
         inner = self.base_layer()
         if quant.base_kind(inner) is not None:  # dequantize, add, re-quantize
             self.requantized = quant.merge_into(inner, self.delta_weight())
+            self.record = MergeRecord(next(_MERGE_ORDER), None, None)
         else:
-            weight = self.base_weight()
-            with torch.no_grad():
-                weight.add_(self.delta_weight().to(weight.dtype))
+            self.record = _fold_into(self, inner)
         self.merged = True
 
     def unmerge(self) -> None:
-        """Subtract what ``merge`` added (exact up to floating-point rounding)."""
+        """Restore what ``merge`` changed: the recorded weight and bias, or (for a layer whose
+        update cannot depend on the weight) the weight less the same update."""
         if not self.merged:
             return
         if self.requantized is not None:  # put back the quantized weight the merge replaced
             quant.unmerge_from(self.base_layer(), self.requantized)
             self.requantized = None
-        else:
-            weight = self.base_weight()
-            with torch.no_grad():
-                weight.sub_(self.delta_weight().to(weight.dtype))
+        elif self.record is not None:
+            _restore(self, self.record)
+        self.record = None
         self.merged = False
+
+    @property
+    def merge_order(self) -> int:
+        """Position of this layer's merge among all merges (0 when not merged): model-level
+        unmerge undoes merges from the latest back, so each restores the weight it found."""
+        return self.record.order if self.record is not None else 0
 
     def merged_module(self) -> nn.Module:
         """What replaces this wrapper in merge-and-unload: the base with the update folded in."""
@@ -239,3 +297,35 @@ class SavedModule(AdapterLayer):
 
     def merged_module(self) -> nn.Module:
         return self.trained
+
+
+def _fold_into(layer: AdapterLayer, inner: nn.Module) -> MergeRecord:
+    """Write ``layer``'s merged weight (and bias) into ``inner`` in place; the record of the old."""
+    weight = layer.base_weight()
+    bias = getattr(inner, "bias", None)
+    with torch.no_grad():
+        old_bias = None
+        if isinstance(bias, torch.Tensor) and layer.merged_bias(bias) is not bias:
+            old_bias = bias.detach().clone()
+            bias.copy_(layer.merged_bias(bias.detach()))
+        if layer.weight_independent:  # added in place; unmerge subtracts the same update
+            weight.add_(layer.delta_weight().to(device=weight.device, dtype=weight.dtype))
+            return MergeRecord(next(_MERGE_ORDER), None, old_bias)
+        kept = weight.detach().clone()
+        weight.copy_(layer.merged_weight(weight.detach()))
+    return MergeRecord(next(_MERGE_ORDER), kept, old_bias)
+
+
+def _restore(layer: AdapterLayer, record: MergeRecord) -> None:
+    """Undo ``_fold_into`` from its record."""
+    inner = layer.base_layer()
+    weight = layer.base_weight()
+    with torch.no_grad():
+        if record.weight is not None:
+            weight.copy_(record.weight)
+        else:
+            weight.sub_(layer.delta_weight().to(device=weight.device, dtype=weight.dtype))
+        if record.bias is not None:
+            bias = getattr(inner, "bias", None)
+            assert isinstance(bias, torch.Tensor)
+            bias.copy_(record.bias)

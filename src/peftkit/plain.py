@@ -50,11 +50,19 @@ class _Stack:
     folded: tuple[AdapterLayer, ...]
 
     def fold(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` plus every update, on the CPU: one update at a time on the model's device,
-        so saving a large model does not hold all of them there at once."""
+        """``weight`` with every update folded in, innermost first, on the CPU: one update at a
+        time on the model's device, so saving a large model does not hold all of them there."""
         with torch.no_grad():
-            update = sum((layer.delta_weight() for layer in self.folded), torch.zeros(()))
-            return (weight + update.to(weight.device, weight.dtype)).cpu()
+            for layer in reversed(self.folded):
+                weight = layer.merged_weight(weight)
+            return weight.cpu()
+
+    def fold_bias(self, bias: torch.Tensor) -> torch.Tensor:
+        """``bias`` as the folded layers leave it (most leave it unchanged)."""
+        with torch.no_grad():
+            for layer in reversed(self.folded):
+                bias = layer.merged_bias(bias)
+            return bias
 
 
 def plain_state_dict(
@@ -137,7 +145,7 @@ def _fold(outer: AdapterLayer, tied: set[int]) -> tuple[nn.Module, tuple[Adapter
         if isinstance(layer, SavedModule) and (layer.active or layer.merged):
             return _no_nested(layer, layer.trained), tuple(folded)
         if layer.enabled and not isinstance(layer, SavedModule):
-            reason = merge_blocker(layer, tied)
+            reason = merge_blocker(layer, tied, below_folded=True)
             if reason:
                 raise PlainModelError(
                     f"adapter {layer.adapter_name!r} at {layer.path!r} cannot be folded into a "
@@ -185,6 +193,8 @@ def _rename(
         stack = _owner(key, stacks)
         if stack is not None and stack.folded and name == stack.path + "weight":
             tensor = stack.fold(tensor)
+        elif stack is not None and stack.folded and name == stack.path + "bias":
+            tensor = stack.fold_bias(tensor)
         out[name] = tensor
     return out
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 import torch
-from peft import IA3Config, get_peft_model
+from peft import LoHaConfig, get_peft_model
 from peft import LoraConfig as PeftLoraConfig
 from torch import nn
 
@@ -79,14 +79,20 @@ def test_unknown_options_left_at_their_default_are_ignored(tmp_path: Path) -> No
 def test_other_peft_types_are_refused_with_the_supported_list(tmp_path: Path) -> None:
     model = get_peft_model(
         CASES["llama"].build(),
-        IA3Config(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+        LoHaConfig(r=2, target_modules=["q_proj"]),
     )
     model.save_pretrained(tmp_path)
     assert_import_refused(
         tmp_path,
-        r"peft_type 'IA3' is not supported; peftkit imports \['ADALORA', 'LORA', 'PREFIX_TUNING'\]",
+        r"peft_type 'LOHA' is not supported; peftkit imports "
+        r"\['ADALORA', 'IA3', 'LORA', 'PREFIX_TUNING'\]",
     )
-    assert converters() == {"lora": "LORA", "adalora": "ADALORA", "prefix": "PREFIX_TUNING"}
+    assert converters() == {
+        "lora": "LORA",
+        "adalora": "ADALORA",
+        "ia3": "IA3",
+        "prefix": "PREFIX_TUNING",
+    }
 
 
 def test_pickle_adapter_is_refused(tmp_path: Path) -> None:
@@ -192,7 +198,7 @@ def test_a_method_without_a_converter_is_refused(tmp_path: Path) -> None:
         peftkit.apply(model, ScaleConfig(targets=["q_proj"]))
         with pytest.raises(
             InteropError,
-            match=r"supports methods \['adalora', 'lora', 'prefix'\].*'interop-test-scale'",
+            match=r"supports methods \['adalora', 'ia3', 'lora', 'prefix'\].*'interop-test-scale'",
         ):
             export_peft(model, tmp_path)
     assert not any(tmp_path.iterdir())

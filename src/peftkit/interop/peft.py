@@ -120,7 +120,7 @@ def converters() -> dict[str, str]:
 
 def _load_builtin_converters() -> None:
     # The built-in converters register themselves on import (as methods do in the registry).
-    from . import peft_adalora, peft_lora, peft_prefix  # noqa: F401
+    from . import peft_adalora, peft_ia3, peft_lora, peft_prefix  # noqa: F401
 
 
 # -- export ------------------------------------------------------------------------------------

@@ -1,6 +1,16 @@
 """Built-in methods. Importing this package registers them; one method, one file."""
 
-from . import adalora, adapter, full, lora, prefix
+from . import adalora, adapter, full, ia3, lora, prefix
 from .base import MergeReport, Method, SwapMethod
 
-__all__ = ["MergeReport", "Method", "SwapMethod", "adalora", "adapter", "full", "lora", "prefix"]
+__all__ = [
+    "MergeReport",
+    "Method",
+    "SwapMethod",
+    "adalora",
+    "adapter",
+    "full",
+    "ia3",
+    "lora",
+    "prefix",
+]

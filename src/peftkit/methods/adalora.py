@@ -110,6 +110,7 @@ class AdaLoraLayer(AdapterLayer):
 
     additive = True
     mergeable = True
+    weight_independent = True  # s·BA does not read W: unmerge subtracts it, no copy kept
 
     def __init__(
         self,

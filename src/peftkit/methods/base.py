@@ -203,7 +203,8 @@ class Method:
         return report
 
     def unmerge(self) -> None:
-        for layer in self.layers:
+        """Restore what this adapter's merges changed, the latest merge first."""
+        for layer in sorted(self.layers, key=lambda la: la.merge_order, reverse=True):
             layer.unmerge()
 
     # -- training hooks ----------------------------------------------------------------------
@@ -316,8 +317,11 @@ def apply_with(
     return apply(model, config if config is not None else config_cls(**fields), adapter_name)
 
 
-def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
-    """Why ``layer`` cannot be folded into its base weight, or None when it can."""
+def merge_blocker(layer: AdapterLayer, tied: set[int], *, below_folded: bool = False) -> str | None:
+    """Why ``layer`` cannot be folded into its base weight, or None when it can.
+
+    ``below_folded``: every enabled layer below is folded into the same weight first (a plain
+    state dict folds whole stacks), so a layer that transforms their output may fold too."""
     if not layer.mergeable:
         return f"{type(layer).__name__} is not linear in the base weight; it stays as a layer"
     if not layer.active:
@@ -330,6 +334,12 @@ def merge_blocker(layer: AdapterLayer, tied: set[int]) -> str | None:
             return "sits outside a module trained in full (modules_to_save); it stays as a layer"
         if not inner.additive and not inner.merged:
             return f"sits outside a non-linear {type(inner).__name__}; merging would change outputs"
+        # folded, a transform of the output would act on W only, not on what ``inner`` adds
+        if not layer.additive and inner.enabled and not below_folded:
+            return (
+                f"it transforms the output of {type(inner).__name__} (adapter "
+                f"{inner.adapter_name!r}) below it, which is not merged; merge that adapter first"
+            )
         inner = inner.base
     return _base_blocker(inner, tied)
 

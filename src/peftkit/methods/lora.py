@@ -24,7 +24,7 @@ from ..config import (
     check_positive_int,
     check_probability,
 )
-from ..layers import AdapterLayer, autocast_on, cast_like
+from ..layers import AdapterLayer, autocast_on, cast_like, wide
 from ..registry import register_method
 from ..targeting import check_patterns_match, first_match, is_conv1d, linear_features
 from .base import SwapMethod, apply_with
@@ -93,6 +93,7 @@ class LoraLayer(AdapterLayer):
 
     additive = True
     mergeable = True
+    weight_independent = True  # s·BA does not read W: unmerge subtracts it, no copy kept
 
     def __init__(
         self,
@@ -163,7 +164,7 @@ class LoraLinear(LoraLayer):
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
-        delta = (self.lora_B.float() @ self.lora_A.float()) * self.scaling
+        delta = (wide(self.lora_B) @ wide(self.lora_A)) * self.scaling
         return delta.t() if is_conv1d(self.base_layer()) else delta
 
 
@@ -201,7 +202,7 @@ class LoraEmbedding(LoraLayer):
         return y.view(*ids.shape, y.shape[-1])
 
     def delta_weight(self) -> torch.Tensor:
-        return (self.lora_B.float() @ self.lora_A.float()).t() * self.scaling
+        return (wide(self.lora_B) @ wide(self.lora_A)).t() * self.scaling
 
 
 class LoraConv2d(LoraLayer):
@@ -231,7 +232,7 @@ class LoraConv2d(LoraLayer):
         return y + F.conv2d(h, b) * self.scaling
 
     def delta_weight(self) -> torch.Tensor:
-        flat = self.lora_B.float().flatten(1) @ self.lora_A.float().flatten(1)
+        flat = wide(self.lora_B).flatten(1) @ wide(self.lora_A).flatten(1)
         return flat.view(self.lora_B.shape[0], *self.lora_A.shape[1:]) * self.scaling
 
 

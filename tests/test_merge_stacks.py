@@ -1,0 +1,73 @@
+"""Every built-in method over every other, two deep, on one model: merge gives the same outputs,
+unmerge gives the weights back, unload gives the base back, all within 1e-6 (float64), or a layer is
+kept with its reason."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import peftkit
+from test_contract import BUILTIN, CONTRACT_CONFIGS, UNSUPPORTED
+
+from zoo import CASES
+
+CASE = CASES["transformer"]
+METHODS = [m for m in BUILTIN if (m, CASE.name) not in UNSUPPORTED]
+PAIRS = [
+    (a, b)
+    for a, b in itertools.product(METHODS, METHODS)
+    if a != b or a not in ("full", "adalora")  # full and AdaLoRA apply once per model
+]
+
+
+def _build() -> torch.nn.Module:
+    return CASE.build().double()
+
+
+def _original(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The base modules' tensors under their plain names (wrappers see through to them)."""
+    state = {}
+    for key, value in model.state_dict().items():
+        plain = key
+        while ".base." in plain:
+            plain = plain.replace(".base.", ".", 1)
+        state[plain] = value.detach().clone()
+    return state
+
+
+def _close(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor]) -> None:
+    for key, value in want.items():
+        torch.testing.assert_close(got[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def _apply_both(inner: str, outer: str) -> torch.nn.Module:
+    model = _build()
+    for seed, (name, method) in enumerate([("a", inner), ("b", outer)]):
+        peftkit.apply(model, CONTRACT_CONFIGS[method](CASE), adapter_name=name)
+        with torch.no_grad():  # each adapter moves on its own (not only the last one)
+            for p in peftkit.adapters(model)[name].parameters():
+                g = torch.Generator().manual_seed(seed + 1)
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) * 0.1)
+    return model
+
+
+@pytest.mark.parametrize(("inner", "outer"), PAIRS)
+def test_two_deep_merge_unmerge_unload(inner: str, outer: str) -> None:
+    plain = dict(_build().state_dict())
+    model = _apply_both(inner, outer)
+    inputs = CASE.inputs()
+    weights = _original(model)
+    with torch.no_grad():
+        expected = model(**inputs)
+        report = peftkit.merge(model)
+        assert all(reason for reason in report.kept.values()), report
+        torch.testing.assert_close(model(**inputs), expected, atol=1e-6, rtol=0)
+        peftkit.unmerge(model)
+        _close(_original(model), {k: weights[k] for k in plain})
+        torch.testing.assert_close(model(**inputs), expected, atol=1e-6, rtol=0)
+        peftkit.merge(model)
+        peftkit.unload(model)
+        _close(model.state_dict(), plain)
