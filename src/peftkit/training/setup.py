@@ -9,7 +9,7 @@ from typing import cast
 import torch
 from torch import nn
 
-from .. import _compat
+from .. import _compat, _sharding
 from ..losses.adversarial import EmbeddingAttack, find_input_embedding
 from . import distributed
 from .config import TrainConfig
@@ -21,6 +21,7 @@ from .optim import parameters_to_train
 class Prepared:
     model: nn.Module  # what the step calls: the model, or its DDP / compiled wrapper
     ddp: nn.parallel.DistributedDataParallel | None
+    fsdp2: bool  # sharded with fully_shard: gradient sync per micro-batch through FSDP2's switch
     attack: EmbeddingAttack | None
 
 
@@ -43,7 +44,7 @@ def prepare(model: nn.Module, config: TrainConfig, device: torch.device, where: 
     ddp = wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None
     if config.compile:
         wrapped = cast(nn.Module, torch.compile(wrapped))
-    return Prepared(wrapped, ddp, attack)
+    return Prepared(wrapped, ddp, _sharding.is_fsdp2(model), attack)
 
 
 def enable_checkpointing(model: nn.Module) -> None:
