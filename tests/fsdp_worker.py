@@ -5,13 +5,15 @@ one-process reference.
 block, then the root), with gradient accumulation and active clipping; every process calls
 ``save_adapter`` on the sharded model, and rank 0 writes the history and the sharded model's logits
 on a probe batch. The torchrun job trains once through, then resumes from the middle checkpoint of
-that run in a fresh sharded model and trains to the end again; last, an eval set that does not split
-evenly over the processes is refused.
+that run in a fresh sharded model and trains to the end again. It trains with
+``distributed="fsdp2"`` (the Trainer shards) from a different initialisation on each process. Last,
+an eval set that does not split evenly over the processes is refused.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -43,7 +45,7 @@ def shard(model: nn.Module) -> nn.Module:
     return model
 
 
-def config(out: Path, batch_size: int, grad_accum: int) -> TrainConfig:
+def config(out: Path, batch_size: int, grad_accum: int, **fields: Any) -> TrainConfig:
     return TrainConfig(
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -55,16 +57,24 @@ def config(out: Path, batch_size: int, grad_accum: int) -> TrainConfig:
         eval_every=2,
         save_every=2,
         progress=False,
+        **fields,
     )
 
 
 def train(
-    out: Path, *, sharded: bool, batch_size: int, grad_accum: int, resume_from: Path | None = None
+    out: Path,
+    *,
+    sharded: bool,
+    batch_size: int,
+    grad_accum: int,
+    resume_from: Path | None = None,
+    seed: int = 0,
+    **fields: Any,
 ) -> Trainer:
-    model = lora_transformer()
+    model = lora_transformer(seed)
     if sharded:
         shard(model)
-    trainer = Trainer(model, config(out / "run", batch_size, grad_accum))
+    trainer = Trainer(model, config(out / "run", batch_size, grad_accum, **fields))
     trainer.fit(lm_data(40), eval_data=lm_data(8, seed=3), resume_from=resume_from)
     peftkit.save_adapter(model, out / "adapter")  # every process: shards are gathered
     with torch.no_grad():
@@ -81,6 +91,9 @@ if __name__ == "__main__":
     root = Path(sys.argv[1])
     train(root / "full", sharded=True, batch_size=2, grad_accum=2)
     middle = root / "full" / "run" / "checkpoint-2"
+    rank = int(os.environ["RANK"])  # a different model on each process: rank 0's is broadcast
+    by_trainer = {"distributed": "fsdp2", "shard_modules": ("Block",)}
+    train(root / "self", sharded=False, batch_size=2, grad_accum=2, seed=rank, **by_trainer)
     trainer = train(root / "resumed", sharded=True, batch_size=2, grad_accum=2, resume_from=middle)
     try:  # 5 examples: 3 for rank 0 (2 batches), 2 for rank 1 (1 batch)
         trainer.evaluate(lm_data(5))

@@ -24,7 +24,7 @@ from torch import nn
 
 import fsdp_worker
 import peftkit
-from peftkit import Trainer
+from peftkit import TrainConfig, Trainer
 
 from trainer_data import lm_data, lora_transformer
 
@@ -177,6 +177,61 @@ def test_two_processes_match_one_and_resume_bit_identically(
         {k: r.get(k) for k in shared} for r in two["history"][-len(tail) :]
     ]
     assert tail[0]["step"] == 3
+    # distributed="fsdp2": rank 0's init is broadcast before the Trainer shards per Block
+    by_trainer = load_file(str(tmp_path / "self" / "adapter" / WEIGHTS))
+    assert all(torch.equal(by_trainer[k], full[k]) for k in full)
     uneven = (tmp_path / "uneven_eval.txt").read_text()
     assert "under FSDP2 every process must evaluate as many batches" in uneven
     assert "[2, 1] batches per process" in uneven
+
+
+# -- distributed="fsdp2": the Trainer shards -------------------------------------------------------
+def test_fsdp2_settings_are_checked_up_front() -> None:
+    with pytest.raises(ValueError, match="shard_modules names the blocks to shard; it needs"):
+        TrainConfig(shard_modules=("Block",))
+    with pytest.raises(ValueError, match="shard_modules must be a tuple of module class names"):
+        TrainConfig(distributed="fsdp2", shard_modules="Block")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision='fp16' is not supported.*use precision='bf16'"):
+        TrainConfig(distributed="fsdp2", precision="fp16")
+    with pytest.raises(ValueError, match="distributed must be one of"):
+        TrainConfig(distributed="fsdp")  # type: ignore[arg-type]
+
+
+def test_fsdp2_without_a_process_group_says_to_use_torchrun() -> None:
+    config = TrainConfig(distributed="fsdp2", shard_modules=("Block",), max_steps=1, progress=False)
+    with pytest.raises(ValueError, match="distributed='fsdp2' needs a process group: run"):
+        Trainer(lora_transformer(), config).fit(lm_data(8))
+
+
+@needs_fsdp2
+def test_fsdp2_blocks_come_from_the_config_or_the_model(world_of_one: None) -> None:
+    def fit(model: nn.Module, **fields: object) -> None:
+        config = TrainConfig(distributed="fsdp2", max_steps=1, progress=False, **fields)  # type: ignore[arg-type]
+        Trainer(model, config).fit(lm_data(8))
+
+    with pytest.raises(ValueError, match=r"found no block classes .*shard_modules=\('MyBlock',\)"):
+        fit(lora_transformer())
+    with pytest.raises(
+        ValueError, match=r"\['Blok'\] matched no module.*closest class names: \['Block'"
+    ):
+        fit(lora_transformer(), shard_modules=("Blok",))
+    model = lora_transformer()
+    fit(model, shard_modules=("Block",))
+    from torch.distributed.fsdp import FSDPModule
+
+    assert all(isinstance(b, FSDPModule) for b in model.layers)  # type: ignore[union-attr]
+    assert isinstance(model, FSDPModule)
+
+
+@needs_fsdp2
+def test_fsdp2_bf16_computes_with_bf16_parameters_and_keeps_fp32_ones(world_of_one: None) -> None:
+    model = lora_transformer()
+    seen: list[torch.dtype] = []
+    q_proj = model.layers[0].q_proj  # type: ignore[index, union-attr]
+    q_proj.base.register_forward_pre_hook(lambda m, args: seen.append(m.weight.dtype))
+    config = TrainConfig(
+        distributed="fsdp2", shard_modules=("Block",), precision="bf16", max_steps=1, progress=False
+    )
+    Trainer(model, config).fit(lm_data(8))
+    assert seen and set(seen) == {torch.bfloat16}
+    assert {p.dtype for p in peftkit.trainable_parameters(model)} == {torch.float32}

@@ -1,5 +1,6 @@
-"""Making a model ready to train: device, activation checkpointing, the adversarial hook, DDP and
-``torch.compile``, in that order (DDP wraps the model the hooks are on; compile wraps DDP)."""
+"""Making a model ready to train: device, activation checkpointing, the adversarial hook, FSDP2
+sharding (``distributed="fsdp2"``) or DDP, and ``torch.compile``, in that order (DDP wraps the
+model the hooks are on; compile wraps DDP)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from torch import nn
 
 from .. import _compat, _sharding
 from ..losses.adversarial import EmbeddingAttack, find_input_embedding
-from . import distributed
+from . import distributed, fsdp
 from .config import TrainConfig
 from .distributed import Dist
 from .optim import parameters_to_train
@@ -40,6 +41,8 @@ def prepare(model: nn.Module, config: TrainConfig, device: torch.device, where: 
         )
     model.train()
     parameters_to_train(model)  # a clear error before DDP's when nothing is trainable
+    if config.distributed == "fsdp2":
+        fsdp.shard(model, config)
     wrapped = distributed.wrap(model, device, where, config.find_unused_parameters)
     ddp = wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None
     if config.compile:
