@@ -1,4 +1,5 @@
-"""FSDP2 (``torch.distributed.fsdp.fully_shard``) seen from peftkit: detection, gathering, loading.
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``) seen from peftkit: detection, gathering, loading;
+and the full shape of a weight DeepSpeed ZeRO-3 partitioned.
 
 A model sharded with FSDP2 holds its parameters as DTensors: each process keeps a shard, and a full
 tensor exists only after a collective (``full_tensor``) that every process must take part in. Here
@@ -33,6 +34,13 @@ def is_dtensor(tensor: torch.Tensor) -> bool:
 def any_sharded(tensors: Iterable[torch.Tensor]) -> bool:
     """Whether any of ``tensors`` is a DTensor (a shard of a larger tensor)."""
     return any(is_dtensor(t) for t in tensors)
+
+
+def weight_shape(weight: torch.Tensor) -> tuple[int, ...]:
+    """The logical shape of a weight: DeepSpeed ZeRO-3 partitions a parameter to an empty tensor
+    (``shape == (0,)``) and keeps its full shape as ``ds_shape``."""
+    full_shape = getattr(weight, "ds_shape", None)
+    return tuple(int(d) for d in (weight.shape if full_shape is None else full_shape))
 
 
 def is_fsdp2(model: nn.Module) -> bool:
