@@ -82,7 +82,10 @@ def like(target: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
     mesh, placements = cast(Any, target).device_mesh, cast(Any, target).placements
     local = value.to(device=mesh.device_type, dtype=target.dtype)
-    return distribute_tensor(local, mesh, placements, src_data_rank=None)
+    try:
+        return distribute_tensor(local, mesh, placements, src_data_rank=None)
+    except TypeError:  # pragma: no cover - torch before src_data_rank: rank 0's value is scattered
+        return distribute_tensor(local, mesh, placements)
 
 
 def writes() -> bool:
