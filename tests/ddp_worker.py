@@ -80,10 +80,6 @@ def fsdp2_loop(out: Path) -> None:
         for k, v in peftkit.adapter_state_dict(model).items()
     }
     save_file(full, str(out / f"fsdp2_rank{dist.get_rank()}.safetensors"))
-    try:
-        Trainer(model, TrainConfig(max_steps=1, progress=False)).fit(lm_data(4))
-    except ValueError as err:  # the Trainer runs DDP only, and says so
-        (out / f"fsdp2_error{dist.get_rank()}.txt").write_text(str(err))
 
 
 if __name__ == "__main__":

@@ -227,3 +227,13 @@ def test_mfu_counts_four_flops_per_frozen_parameter_and_six_per_trained() -> Non
     ]
     mfu(rows, 100, peak=1.0)
     assert [r["mfu"] for r in rows] == [400.0, 4 * 90 + 6 * 10, 600.0]
+
+
+@pytest.mark.slow  # launches torchrun twice (one and two processes): ~50 s
+def test_fsdp_memory_halves_each_rank_share_with_two_processes() -> None:
+    out = run("fsdp_memory.py", "--smoke")
+    rows = json.loads(out.split("JSON ", 1)[1])
+    one, two = rows["1"], rows["2"]
+    for kind in ("base", "adapter", "optimizer"):
+        assert two[kind] == pytest.approx(one[kind] / 2, rel=0.02), kind
+    assert one["optimizer"] >= 2 * one["adapter"]  # AdamW: two moments per adapter parameter

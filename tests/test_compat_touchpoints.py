@@ -250,3 +250,11 @@ def test_attention_modules_declare_whether_they_are_causal() -> None:
     assert _compat.causal_flags(CASES["llama"].build()) == {True}, _where("is_causal on Llama")
     assert _compat.causal_flags(CASES["bert"].build()) == {False}, _where("is_causal on BERT")
     assert _compat.causal_flags(nn.Linear(2, 2)) == set()
+
+
+def test_hf_models_name_their_blocks_for_sharding() -> None:
+    blocks = {kind: _compat.no_split_modules(CASES[kind].build()) for kind in ("gpt2", "llama")}
+    assert blocks == {"gpt2": ["GPT2Block"], "llama": ["LlamaDecoderLayer"]}, _where(
+        f"_no_split_modules gave {blocks}"
+    )
+    assert _compat.no_split_modules(nn.Linear(2, 2)) == []

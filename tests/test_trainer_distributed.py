@@ -76,7 +76,6 @@ def test_two_processes_match_each_other_and_one_process_on_the_combined_batch(
 def _check_fsdp2(out: Path) -> None:
     """The documented FSDP2 loop: ranks agree and match one process on the combined batches."""
     ranks = [load_file(str(out / f"fsdp2_rank{r}.safetensors")) for r in (0, 1)]
-    assert "FSDP2" in (out / "fsdp2_error0.txt").read_text()
     model = ddp_worker.lora_transformer()
     opt = torch.optim.AdamW(peftkit.trainable_parameters(model), lr=1e-2)
     for ids in ddp_worker.fsdp2_batches(0, 1):

@@ -234,6 +234,16 @@ def enable_checkpointing(model: nn.Module, **kwargs: Any) -> None:
         )
 
 
+# -- sharding ----------------------------------------------------------------------------------
+def no_split_modules(model: nn.Module) -> list[str]:
+    """The class names of an HF model's blocks (its ``_no_split_modules``), or []; FSDP2 shards
+    per block."""
+    names = getattr(model, "_no_split_modules", None)
+    if isinstance(names, str):
+        return [names]
+    return [n for n in names if isinstance(n, str)] if isinstance(names, list | tuple | set) else []
+
+
 # -- layer classes -----------------------------------------------------------------------------
 def conv1d_class() -> type | None:
     """transformers' GPT-2 style ``Conv1D`` when transformers is already imported, else None.

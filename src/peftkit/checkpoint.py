@@ -29,6 +29,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from . import _sharding
 from ._document import CheckpointError as CheckpointError
 from ._document import check_document, parse_json
 from ._dryrun import planned_shapes
@@ -98,8 +99,26 @@ def save_adapter(
 
     Only adapter parameters and saved modules are stored, never base weights. Adapters are stored
     in the order they were applied (which ``load_adapter`` restores), whatever the order of
-    ``adapter_names``: stacked adapters compute in that order.
+    ``adapter_names``: stacked adapters compute in that order. On a model sharded with FSDP2 every
+    process must call it: the shards are gathered to full tensors and the first process writes
+    them (the others wait until the files exist).
     """
+    text, tensors, sharded = adapter_files(model, adapter_names)
+    out = Path(directory)
+    if sharded and not _sharding.writes():
+        _sharding.barrier()
+        return out
+    write_adapter_files(out, text, tensors)
+    if sharded:
+        _sharding.barrier()
+    return out
+
+
+def adapter_files(
+    model: nn.Module, adapter_names: str | Sequence[str] | None = None
+) -> tuple[str, dict[str, torch.Tensor], bool]:
+    """The adapter config text, its full CPU tensors, and whether they were gathered from FSDP2
+    shards (then every process must call this, with the same names)."""
     methods = adapters(model)
     if not methods:
         raise ValueError("the model has no adapters to save; apply one first")
@@ -119,16 +138,21 @@ def save_adapter(
     ]
     doc = {"format": FORMAT, "format_version": FORMAT_VERSION, "peftkit_version": __version__}
     text = json.dumps({**doc, "adapters": entries}, indent=2) + "\n"
-    tensors = {k: _to_saveable(t) for k, t in adapter_state_dict(model, names).items()}
+    live = adapter_state_dict(model, names)
+    full = _sharding.full_tensors(live)
+    tensors = {k: _to_saveable(t) for k, t in full.items()}
+    return text, tensors, _sharding.any_sharded(live.values())
+
+
+def write_adapter_files(out: Path, text: str, tensors: dict[str, torch.Tensor]) -> None:
+    """Write what ``adapter_files`` returned into ``out`` (atomically, file by file)."""
     meta = {_META_KEY: text, _DIGEST_KEY: content_digest(tensors, text)}
-    out = Path(directory)
     if out.is_file():
         raise CheckpointError(f"{out} is a file; pass a directory to save the adapter into")
     out.mkdir(parents=True, exist_ok=True)
     _atomic_write(out / WEIGHTS_NAME, lambda p: save_file(tensors, p, metadata=meta))
     _atomic_write(out / CONFIG_NAME, lambda p: Path(p).write_text(text, encoding="utf-8"))
     _remove_superseded(out)
-    return out
 
 
 def _remove_superseded(out: Path) -> None:

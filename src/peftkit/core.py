@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from . import _sharding
 from ._guards import check_tensors_fit, name_list, wrapper_kind
 from .config import MethodConfig
 from .layers import AdapterLayer
@@ -252,6 +253,7 @@ def merge(model: nn.Module, adapter_names: str | Sequence[str] | None = None) ->
 
     Forward then costs the base's compute only. What cannot be merged stays active and is reported.
     """
+    _sharding.refuse_sharded(model, "merge")
     return _merge(model, adapter_names, unload=False)
 
 
@@ -285,6 +287,7 @@ def merge_and_unload(
     result and calls ``.generate()`` on it; ``merge``, which is reversible and leaves the wrappers
     in place, keeps returning its report.
     """
+    _sharding.refuse_sharded(model, "merge_and_unload")
     done = _merge(model, adapter_names, unload=True)
     if report:
         return unwrap_model(model), done
@@ -403,6 +406,7 @@ def load_adapter_state_dict(
     own = adapter_state_dict(model, chosen)
     check_tensors_fit({k: tuple(t.shape) for k, t in own.items()}, tensors)
     inner = unwrap_model(model)
+    tensors = {k: _sharding.like(own[k], v) for k, v in tensors.items()}  # FSDP2: keep our shard
     for name in chosen:
         prefix = name + "."
         mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}

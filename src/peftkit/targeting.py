@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator, Sequence
 import torch
 from torch import nn
 
-from . import _compat, quant
+from . import _compat, _sharding, quant
 from ._probe import skipped_aliases
 from .config import ALL_LINEAR, TargetedConfig
 from .layers import AdapterLayer, AdapterModule
@@ -108,13 +108,13 @@ def is_linear(module: nn.Module) -> bool:
 
 def linear_features(module: nn.Module) -> tuple[int, int]:
     """``(in_features, out_features)`` of a linear layer (see ``is_linear``): the logical shape, read
-    from a quantized layer's kind, never from a packed weight."""
+    from a quantized layer's kind, never from a packed weight, nor from a ZeRO-3 partition."""
     found = quant.features(module)
     if found is not None:
         return found
     weight = module.weight
     assert isinstance(weight, torch.Tensor)
-    rows, cols = weight.shape
+    rows, cols = _sharding.weight_shape(weight)  # ZeRO-3: the full shape, not the empty partition
     return (int(rows), int(cols)) if is_conv1d(module) else (int(cols), int(rows))
 
 

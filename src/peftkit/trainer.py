@@ -12,7 +12,7 @@ One optimiser step (``Trainer.train_step``) reads::
 
 Around it: evaluation with metrics, early stopping, the best adapter, atomic checkpoints that resume
 exactly (weights, optimiser, scheduler, scaler, RNG states and data position), a progress bar and a
-JSONL log, and DDP under torchrun. See docs/trainer.md.
+JSONL log, and DDP or FSDP2 under torchrun. See docs/trainer.md.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from . import _sharding
 from .core import regularizer, step_hooks
 from .losses.adversarial import EmbeddingAttack
 from .training import checks, distributed, evaluation, resume
@@ -94,6 +95,7 @@ class Trainer:
         self.run_dir = RunDirectory(out, self.dist, self.config.save_total_limit)
         self.attack: EmbeddingAttack | None = None
         self._ddp: nn.parallel.DistributedDataParallel | None = None
+        self._fsdp2 = False  # the model is sharded with FSDP2 (set when fit prepares it)
         self._stop = StopRequest()  # Ctrl-C during fit (installed there)
         self.scaler = torch.amp.GradScaler(
             self.device.type, enabled=self.config.precision == "fp16"
@@ -157,7 +159,9 @@ class Trainer:
         if self.config.max_grad_norm is None:
             return None
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
-        return nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        norm = nn.utils.clip_grad_norm_(params, self.config.max_grad_norm)
+        # FSDP2: the norm of DTensor gradients is over every shard; make it a plain tensor
+        return _sharding.full(norm)
 
     def _reduce(
         self, loss: torch.Tensor, norm: torch.Tensor | None, tokens: int
@@ -189,6 +193,11 @@ class Trainer:
         )
 
     def _no_sync(self, skip_sync: bool) -> AbstractContextManager[Any]:
+        """No gradient sync in the coming backward. DDP reads its context at forward time; FSDP2
+        reads a switch in backward, so that is set here and stays until the next micro-batch."""
+        if self._fsdp2:
+            _sharding.set_gradient_sync(self.raw, not skip_sync)
+            return nullcontext()
         return self._ddp.no_sync() if skip_sync and self._ddp is not None else nullcontext()
 
     def _autocast(self) -> AbstractContextManager[Any]:
@@ -256,6 +265,7 @@ class Trainer:
             self.run_dir.start_fresh()
         prepared = prepare(self.raw, self.config, self.device, self.dist)
         self.model, self._ddp, self.attack = prepared.model, prepared.ddp, prepared.attack
+        self._fsdp2 = prepared.fsdp2
         self.optimizer = build_optimizer(self.raw, self.config)
         self.scheduler = build_scheduler(self.optimizer, self.config, total)
         self.progress = Progress()
@@ -364,7 +374,7 @@ class Trainer:
         state = {
             "format": S.CHECKSUM_FORMAT,
             "progress": dataclasses.asdict(self.progress),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": _sharding.full_optimizer_state(self.optimizer),  # FSDP2: gathered
             "scheduler": scheduler_state(self.scheduler),
             "scaler": self.scaler.state_dict(),
             **self._settings(),
@@ -384,6 +394,7 @@ class Trainer:
         resume.check_same_parameters(state["optimizer"], self.optimizer)
         fresh = resume.fresh_hyperparameters(self.optimizer)  # the config's, not the checkpoint's
         self.optimizer.load_state_dict(state["optimizer"])
+        _sharding.shard_optimizer_state(self.optimizer)  # FSDP2: this process's shards
         load_scheduler_state(self.scheduler, state["scheduler"])
         resume.apply_hyperparameters(self.optimizer, self.scheduler, fresh)
         self.scaler.load_state_dict(state["scaler"])

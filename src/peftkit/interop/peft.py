@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
+from .. import _sharding
 from .._document import parse_json
 from ..checkpoint import (
     CheckpointError,
@@ -141,6 +142,7 @@ def export_peft(
     """
     if task_type is not None and task_type not in TASK_TYPES:
         raise ValueError(f"task_type must be None or one of {list(TASK_TYPES)}, got {task_type!r}")
+    _sharding.refuse_sharded(model, "export_peft")
     methods = adapters(model)
     if adapter_name not in methods:
         raise KeyError(f"no adapter named {adapter_name!r}; the model has {list(methods)}")

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from .. import _sharding
 from ..layers import AdapterLayer
 from ..targeting import is_linear, iter_modules
 
@@ -59,7 +60,8 @@ def _widths(module: nn.Module) -> tuple[int, int] | None:
         return inner.in_features, inner.out_features
     if is_linear(inner):
         weight = getattr(inner, "weight")  # noqa: B009 (Conv1D stores (in, out))
-        return int(weight.shape[0]), int(weight.shape[1])
+        rows, cols = _sharding.weight_shape(weight)[:2]  # ZeRO-3: the full shape
+        return rows, cols
     return None
 
 

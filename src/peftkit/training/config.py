@@ -27,6 +27,7 @@ _CHOICES: dict[str, tuple[Any, ...]] = {
     "task": ("auto", "classification", "causal_lm", "regression", "multi_label"),
     "on_nonfinite": ("error", "skip"),
     "adversarial": (None, "fgm", "pgd"),
+    "distributed": ("auto", "fsdp2"),
 }
 
 # What a user of transformers' TrainingArguments writes by habit, and TrainConfig's name for it.
@@ -85,6 +86,10 @@ class TrainConfig:
     Output: ``output_dir`` receives checkpoints every ``save_every`` steps (or ``"epoch"``; the
         last ``save_total_limit`` are kept), ``best/`` (the best adapter) and ``log.jsonl``. Nothing
         is written without it. ``load_best_at_end`` loads the best adapter when training ends.
+    Distributed (under torchrun): ``"auto"`` wraps a plain model in DDP and trains a model sharded
+        with FSDP2 as it is; ``"fsdp2"`` makes the Trainer broadcast rank 0's weights and shard the
+        model with FSDP2 itself, per block: the classes named in ``shard_modules``, else an HF
+        model's ``_no_split_modules``. See docs/trainer.md, "FSDP2".
     """
 
     epochs: int = 1
@@ -133,6 +138,8 @@ class TrainConfig:
     device: str = "auto"
     num_workers: int = 0
     find_unused_parameters: bool = False
+    distributed: Literal["auto", "fsdp2"] = "auto"
+    shard_modules: tuple[str, ...] = ()
 
     def __new__(cls, *args: Any, **fields: Any) -> TrainConfig:
         """Refuse a keyword TrainConfig has no field for, naming the field to use instead."""
@@ -215,9 +222,27 @@ class TrainConfig:
             raise ValueError(f"seed must be an integer, got {self.seed!r}")
         if self.output_dir is not None and not isinstance(self.output_dir, str | os.PathLike):
             raise ValueError(f"output_dir must be a path (a str), got {self.output_dir!r}")
+        self._check_distributed()
         if not isinstance(self.device, str) or not self.device:
             raise ValueError(
                 f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}"
+            )
+
+    def _check_distributed(self) -> None:
+        blocks = self.shard_modules
+        if not isinstance(blocks, tuple) or not all(isinstance(n, str) and n for n in blocks):
+            raise ValueError(
+                "shard_modules must be a tuple of module class names such as ('LlamaDecoderLayer',),"
+                f" got {blocks!r}"
+            )
+        if blocks and self.distributed != "fsdp2":
+            raise ValueError(
+                "shard_modules names the blocks to shard; it needs distributed='fsdp2'"
+            )
+        if self.distributed == "fsdp2" and self.precision == "fp16":
+            raise ValueError(
+                "distributed='fsdp2' with precision='fp16' is not supported (its gradient scaler is "
+                "not sharding-aware here); use precision='bf16'"
             )
 
     @property
@@ -231,6 +256,7 @@ class TrainConfig:
         """JSON-ready field values."""
         out = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
         out["betas"] = list(self.betas)
+        out["shard_modules"] = list(self.shard_modules)
         if self.output_dir is not None:
             out["output_dir"] = os.fspath(self.output_dir)
         return out

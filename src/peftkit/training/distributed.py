@@ -1,5 +1,7 @@
 """Running under ``torchrun``: process group, device, DDP wrapping and small collectives.
 
+A model the user sharded with FSDP2 (``fully_shard``, after applying adapters) is trained as it is.
+
 Nothing here is used in a single process: ``Dist()`` is rank 0 of 1 and every collective returns
 its input. Under ``torchrun --nproc_per_node=N`` the Trainer initialises the process group from the
 environment (gloo on CPU, nccl on CUDA), pins rank r to ``cuda:LOCAL_RANK`` and wraps the model in
@@ -16,6 +18,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 from torch import nn
+
+from .. import _sharding
 
 
 @dataclass(frozen=True)
@@ -79,11 +83,17 @@ def _shutdown() -> None:
 
 
 def wrap(model: nn.Module, device: torch.device, where: Dist, find_unused: bool) -> nn.Module:
-    """``model`` in DistributedDataParallel when running distributed (rank 0's weights broadcast)."""
-    if _is_sharded(model):
+    """``model`` in DistributedDataParallel when running distributed (rank 0's weights broadcast).
+
+    A model sharded with FSDP2 (``fully_shard``) is returned as it is: FSDP2 already reduces the
+    gradients (to shards) after each backward.
+    """
+    if _sharding.is_fsdp2(model):
+        return model
+    if _sharding.any_sharded(model.parameters()):
         raise ValueError(
-            "the model is sharded with FSDP2 (fully_shard); the Trainer runs DDP only. Train a "
-            "sharded model with a hand-written loop (docs/trainer.md, 'FSDP2')"
+            "the model holds DTensor parameters but no FSDP2 module (tensor parallel?); the "
+            "Trainer trains plain, DDP and FSDP2 (fully_shard) models"
         )
     if not where.active:
         return model
@@ -91,14 +101,6 @@ def wrap(model: nn.Module, device: torch.device, where: Dist, find_unused: bool)
     return nn.parallel.DistributedDataParallel(
         model, device_ids=ids, find_unused_parameters=find_unused
     )
-
-
-def _is_sharded(model: nn.Module) -> bool:
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # pragma: no cover - older torch
-        return False
-    return any(isinstance(p, DTensor) for p in model.parameters())
 
 
 def mean(values: torch.Tensor, where: Dist) -> torch.Tensor:

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .. import _sharding
 from ..losses.functional import IGNORE_INDEX
 from . import data as D
 from . import distributed
@@ -78,6 +79,17 @@ def _loss_and_pairs(
     return loss, predictions(fw, batch) if want_pairs else None
 
 
+def _check_even(batches: Any, where: distributed.Dist) -> None:
+    """FSDP2 gathers weights in every forward, so every process must run as many eval batches."""
+    counts = distributed.gather(len(batches), where)
+    if len(set(counts)) > 1:
+        raise ValueError(
+            f"under FSDP2 every process must evaluate as many batches, but the eval set splits into "
+            f"{counts} batches per process; give eval_data a length that is a multiple of "
+            "world size x eval_batch_size"
+        )
+
+
 @torch.no_grad()
 def evaluate(trainer: Trainer, data: Any) -> dict[str, float]:
     """Mean loss (batches weighted by their size) and ``trainer.compute_metrics`` over ``data``."""
@@ -88,6 +100,8 @@ def evaluate(trainer: Trainer, data: Any) -> dict[str, float]:
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
     batches, sharded = eval_batches(trainer, data)
+    if sharded and _sharding.is_fsdp2(trainer.raw):
+        _check_even(batches, where)
     try:
         for batch in batches:
             n = batch_size(batch)

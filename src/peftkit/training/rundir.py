@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import nn
 
+from .. import _sharding
 from ..checkpoint import CheckpointError
 from . import distributed
 from . import state as S
@@ -34,6 +35,8 @@ class RunDirectory:
         """Write ``checkpoint-<step>``: the weights and ``state`` plus every rank's RNG states."""
         rngs = distributed.gather(S.rng_state(), self.where)
         if self.path is None or not self.where.main:
+            if self.path is not None and _sharding.any_sharded(model.parameters()):
+                S.save_weights(model, None)  # FSDP2: take part in gathering what rank 0 writes
             distributed.barrier(self.where)
             return None
         target = self.path / f"checkpoint-{step}"
@@ -47,6 +50,8 @@ class RunDirectory:
     def save_best(self, model: nn.Module, step: int, metrics: dict[str, float]) -> None:
         """Replace ``best/`` with the current adapter (adapter only) and its ``best.json``."""
         if self.path is None or not self.where.main:
+            if self.path is not None and _sharding.any_sharded(model.parameters()):
+                S.save_weights(model, None)  # FSDP2: take part in gathering what rank 0 writes
             return
         with S.atomic_directory(self.path / BEST) as tmp:
             S.save_weights(model, tmp)

@@ -1,5 +1,6 @@
-"""Making a model ready to train: device, activation checkpointing, the adversarial hook, DDP and
-``torch.compile``, in that order (DDP wraps the model the hooks are on; compile wraps DDP)."""
+"""Making a model ready to train: device, activation checkpointing, the adversarial hook, FSDP2
+sharding (``distributed="fsdp2"``) or DDP, and ``torch.compile``, in that order (DDP wraps the
+model the hooks are on; compile wraps DDP)."""
 
 from __future__ import annotations
 
@@ -9,9 +10,9 @@ from typing import cast
 import torch
 from torch import nn
 
-from .. import _compat
+from .. import _compat, _sharding
 from ..losses.adversarial import EmbeddingAttack, find_input_embedding
-from . import distributed
+from . import distributed, fsdp
 from .config import TrainConfig
 from .distributed import Dist
 from .optim import parameters_to_train
@@ -21,6 +22,7 @@ from .optim import parameters_to_train
 class Prepared:
     model: nn.Module  # what the step calls: the model, or its DDP / compiled wrapper
     ddp: nn.parallel.DistributedDataParallel | None
+    fsdp2: bool  # sharded with fully_shard: gradient sync per micro-batch through FSDP2's switch
     attack: EmbeddingAttack | None
 
 
@@ -39,11 +41,13 @@ def prepare(model: nn.Module, config: TrainConfig, device: torch.device, where: 
         )
     model.train()
     parameters_to_train(model)  # a clear error before DDP's when nothing is trainable
+    if config.distributed == "fsdp2":
+        fsdp.shard(model, config)
     wrapped = distributed.wrap(model, device, where, config.find_unused_parameters)
     ddp = wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None
     if config.compile:
         wrapped = cast(nn.Module, torch.compile(wrapped))
-    return Prepared(wrapped, ddp, attack)
+    return Prepared(wrapped, ddp, _sharding.is_fsdp2(model), attack)
 
 
 def enable_checkpointing(model: nn.Module) -> None:

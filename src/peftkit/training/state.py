@@ -24,16 +24,18 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .. import _sharding
 from ..checkpoint import (
     _DIGEST_KEY as DIGEST_KEY,
 )
 from ..checkpoint import (
     CheckpointError,
+    adapter_files,
     checkpoint_layout,
     content_digest,
     load_adapter,
     read_checkpoint,
-    save_adapter,
+    write_adapter_files,
 )
 from ..core import adapters, delete_adapter, load_adapter_state_dict
 
@@ -181,17 +183,24 @@ def _looks_pickled(path: Path) -> bool:
 
 
 # -- weights ---------------------------------------------------------------------------------------
-def save_weights(model: nn.Module, directory: Path) -> None:
-    """The adapters (``save_adapter``), or for a model without adapters its trainable parameters."""
+def save_weights(model: nn.Module, directory: Path | None) -> None:
+    """The adapters (``save_adapter``), or for a model without adapters its trainable parameters.
+
+    FSDP2 shards are gathered to full tensors, which every process must take part in: the other
+    processes call this with ``directory=None`` and write nothing.
+    """
     if adapters(model):
-        save_adapter(model, directory)
+        text, tensors, _ = adapter_files(model)
+        if directory is not None:
+            write_adapter_files(directory, text, tensors)
         return
-    trainable = {
-        name: p.detach().to("cpu", copy=True).contiguous()
-        for name, p in model.named_parameters()
-        if p.requires_grad
+    trainable = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    full = {
+        name: t.detach().to("cpu", copy=True).contiguous()
+        for name, t in _sharding.full_tensors(trainable).items()
     }
-    save_file(trainable, str(directory / TRAINABLE_WEIGHTS))
+    if directory is not None:
+        save_file(full, str(directory / TRAINABLE_WEIGHTS))
 
 
 def load_weights(model: nn.Module, directory: Path) -> None:
@@ -218,7 +227,7 @@ def load_weights(model: nn.Module, directory: Path) -> None:
         raise CheckpointError(f"{directory}: tensors {wrong[:5]} do not fit this model")
     with torch.no_grad():
         for name, value in tensors.items():
-            params[name].copy_(value)
+            params[name].copy_(_sharding.like(params[name], value))
 
 
 def _same_adapters(model: nn.Module, entries: list[dict[str, Any]]) -> bool:
