@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import transformers
 
 import peftkit
 from peftkit import AdaLoraConfig, LoraConfig, MethodConfig, _compat
@@ -35,8 +36,17 @@ def _grads(name: str, method: str, checkpointing: bool) -> tuple[dict[str, torch
     return grads, inputs
 
 
+# transformers 4.57's Whisper fails in backward under reentrant checkpointing even with the inputs
+# requiring grad ("backward through the graph a second time"); docs/trainer.md names the gap.
+_WHISPER_4X = pytest.mark.xfail(
+    int(transformers.__version__.split(".")[0]) < 5,
+    reason="transformers 4.x Whisper: reentrant checkpointing backward fails",
+    strict=True,
+)
+
+
 @pytest.mark.parametrize("method", sorted(CONFIGS))
-@pytest.mark.parametrize("name", ["whisper", "vit", "clip_vision"])
+@pytest.mark.parametrize("name", [pytest.param("whisper", marks=_WHISPER_4X), "vit", "clip_vision"])
 def test_reentrant_checkpointing_gives_the_adapters_their_gradients(name: str, method: str) -> None:
     expected, _ = _grads(name, method, checkpointing=False)
     got, inputs = _grads(name, method, checkpointing=True)

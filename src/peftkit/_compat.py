@@ -205,12 +205,15 @@ def cached_keys_values(cache: Any) -> list[tuple[torch.Tensor, torch.Tensor]]:
 # -- attention ---------------------------------------------------------------------------------
 def causal_flags(module: nn.Module) -> set[bool]:
     """The ``is_causal`` flags transformers' attention modules inside ``module`` declare: {True}
-    for decoders, {False} for BERT-style encoders, empty where none declares one (Bloom)."""
-    return {
-        bool(m.is_causal)
-        for m in module.modules()
-        if isinstance(getattr(m, "is_causal", None), bool)
-    }
+    for decoders, {False} for BERT-style encoders, empty where none declares one (Bloom).
+
+    transformers 4.x's BERT-style layers declare no ``is_causal`` but an ``is_decoder`` switch
+    (False in an encoder); where no module declares ``is_causal``, those are read instead."""
+    modules = list(module.modules())
+    flags = {bool(m.is_causal) for m in modules if isinstance(getattr(m, "is_causal", None), bool)}
+    if flags:
+        return flags
+    return {bool(m.is_decoder) for m in modules if isinstance(getattr(m, "is_decoder", None), bool)}
 
 
 # -- activation checkpointing ------------------------------------------------------------------
