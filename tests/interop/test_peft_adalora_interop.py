@@ -24,10 +24,9 @@ import peftkit
 from peftkit.interop import InteropError, export_peft, import_peft
 from peftkit.methods.adalora import AdaLoraLayer
 
-from interop_helpers import assert_import_refused, edit_config
+from interop_helpers import TOL, assert_import_refused, assert_same_and_trained, edit_config, logits
 from zoo import CASES, Case
 
-TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-5}
 SCHEDULE = {"init_r": 4, "target_r": 2, "total_steps": 8, "t_init": 1, "t_final": 2, "delta_t": 1}
 PEFT_SCHEDULE = {"init_r": 4, "target_r": 2, "total_step": 8, "tinit": 1, "tfinal": 2, "deltaT": 1}
 
@@ -62,16 +61,6 @@ def train_peft(case: Case, model: nn.Module, steps: int = 8) -> None:
         model.base_model.update_and_allocate(step)
         opt.zero_grad()
     model.eval()
-
-
-def logits(case: Case, model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return case.output(model)
-
-
-def assert_same_and_trained(case: Case, got: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(got, expected, **TOL)
-    assert (expected - logits(case, case.build())).abs().max() > 1e-3, "training changed nothing"
 
 
 # -- peftkit -> peft ---------------------------------------------------------------------------

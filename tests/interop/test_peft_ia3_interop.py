@@ -10,41 +10,18 @@ import pytest
 import torch
 from peft import IA3Config as PeftIA3Config
 from peft import PeftModel, get_peft_model
-from torch import nn
 
 import peftkit
 from peftkit.interop import InteropError, export_peft, import_peft
 
-from zoo import CASES, Case
+from interop_helpers import TOL, assert_same_and_trained, logits, train
+from zoo import CASES
 
-TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-5}
 # Llama: keys, values and the down projection (the paper's setting); GPT-2: Conv1D layers.
 FIELDS: dict[str, dict[str, Any]] = {
     "llama": {"targets": ["k_proj", "v_proj", "down_proj"], "feedforward": ["down_proj"]},
     "gpt2": {"targets": ["c_attn", "mlp.c_proj"], "feedforward": ["mlp.c_proj"]},
 }
-
-
-def train(model: nn.Module, loss: Any, steps: int = 3) -> None:
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert params
-    opt = torch.optim.AdamW(params, lr=0.05)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss(model).backward()
-        opt.step()
-    model.eval()
-
-
-def logits(case: Case, model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return case.output(model)
-
-
-def assert_same_and_trained(case: Case, got: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(got, expected, **TOL)
-    assert (expected - logits(case, case.build())).abs().max() > 1e-3, "training changed nothing"
 
 
 @pytest.mark.parametrize("name", list(FIELDS))

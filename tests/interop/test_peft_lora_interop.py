@@ -24,34 +24,8 @@ import peftkit
 from peftkit.interop import export_peft, import_peft
 from peftkit.methods.lora import LoraEmbedding, LoraLinear
 
+from interop_helpers import TOL, assert_same_and_trained, logits, train
 from zoo import CASES, Case
-
-TOL: dict[str, Any] = {"atol": 1e-5, "rtol": 1e-5}
-
-
-def train(model: nn.Module, loss: Any, steps: int = 3) -> None:
-    """A few AdamW steps on the trainable parameters (adapter factors and saved modules)."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    assert params
-    opt = torch.optim.AdamW(params, lr=0.05)
-    model.train()
-    for _ in range(steps):
-        opt.zero_grad()
-        loss(model).backward()
-        opt.step()
-    model.eval()
-
-
-def logits(case: Case, model: nn.Module) -> torch.Tensor:
-    with torch.no_grad():
-        return case.output(model)
-
-
-def assert_same_and_trained(case: Case, got: torch.Tensor, expected: torch.Tensor) -> None:
-    torch.testing.assert_close(got, expected, **TOL)
-    base = logits(case, case.build())
-    assert (expected - base).abs().max() > 1e-3, "training did not change the output"
-
 
 # -- peftkit -> peft ---------------------------------------------------------------------------
 EXPORTS: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {
