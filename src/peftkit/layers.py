@@ -305,9 +305,12 @@ def _fold_into(layer: AdapterLayer, inner: nn.Module) -> MergeRecord:
     bias = getattr(inner, "bias", None)
     with torch.no_grad():
         old_bias = None
-        if isinstance(bias, torch.Tensor) and layer.merged_bias(bias) is not bias:
-            old_bias = bias.detach().clone()
-            bias.copy_(layer.merged_bias(bias.detach()))
+        if isinstance(bias, torch.Tensor):
+            current = bias.detach()
+            folded = layer.merged_bias(current)
+            if folded is not current:  # the layer changes the bias: keep the old one
+                old_bias = current.clone()
+                bias.copy_(folded)
         if layer.weight_independent:  # added in place; unmerge subtracts the same update
             weight.add_(layer.delta_weight().to(device=weight.device, dtype=weight.dtype))
             return MergeRecord(next(_MERGE_ORDER), None, old_bias)
