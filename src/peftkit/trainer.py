@@ -166,10 +166,13 @@ class Trainer:
     def _reduce(
         self, loss: torch.Tensor, norm: torch.Tensor | None, tokens: int
     ) -> tuple[float, float | None, int]:
-        """Loss averaged over processes, the gradient norm and all processes' tokens: one sync."""
+        """Loss averaged over processes, the gradient norm and all processes' tokens, and whether
+        any process was interrupted (Ctrl-C): one sync."""
         zero = loss.new_zeros(())
-        values = torch.stack([loss, zero if norm is None else norm.float(), zero + tokens])
-        mean_loss, grad_norm, mean_tokens = distributed.mean(values, self.dist).tolist()
+        stop = zero + float(self._stop.requested)
+        values = torch.stack([loss, zero if norm is None else norm.float(), zero + tokens, stop])
+        mean_loss, grad_norm, mean_tokens, stopping = distributed.mean(values, self.dist).tolist()
+        self._stop.agreed = stopping > 0
         return mean_loss, None if norm is None else grad_norm, round(mean_tokens * self.dist.world)
 
     def _finite(self, loss: float, grad_norm: float | None) -> bool:
@@ -295,7 +298,7 @@ class Trainer:
                 evaluate, save = _due(cfg.eval_every, p.step), _due(cfg.save_every, p.step)
                 if self._milestone(evaluate, save, eval_data, monitor):
                     return True
-                if self._stop.due(self.dist, self.device):
+                if self._stop.due(self.dist):
                     self._interrupted()
                 if p.step >= total:
                     break

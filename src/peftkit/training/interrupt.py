@@ -14,9 +14,6 @@ import threading
 from types import FrameType, TracebackType
 from typing import Any
 
-import torch
-
-from . import distributed
 from .distributed import Dist
 
 MESSAGE = (
@@ -26,10 +23,15 @@ MESSAGE = (
 
 
 class StopRequest:
-    """A context manager around the loop; ``due(where)`` says whether to stop after this step."""
+    """A context manager around the loop; ``due(where)`` says whether to stop after this step.
+
+    Under several processes the answer is ``agreed``: whether any process had been interrupted when
+    the step's one all-reduce ran (the Trainer folds ``requested`` into it), so every process stops
+    after the same step without a collective of its own."""
 
     def __init__(self) -> None:
         self.requested = False
+        self.agreed = False
         self._previous: Any = None
         self._installed = False
 
@@ -60,9 +62,6 @@ class StopRequest:
         self.requested = True
         print(MESSAGE, file=sys.stderr, flush=True)
 
-    def due(self, where: Dist, device: torch.device) -> bool:
-        """Whether any process was interrupted (all processes get the same answer)."""
-        if not where.active:
-            return self.requested
-        flag = torch.tensor([1.0 if self.requested else 0.0], device=device)
-        return bool(distributed.mean(flag, where).item() > 0)
+    def due(self, where: Dist) -> bool:
+        """Whether to stop now (all processes get the same answer)."""
+        return self.agreed if where.active else self.requested
