@@ -8,6 +8,7 @@ model = merge_and_unload(model)                          # plain model, no adapt
 """
 
 from . import augment, losses, metrics, quant
+from . import interop as _interop  # noqa: F401  (registers load_adapter's peft directory reader)
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
 from .compose import combine_lora, compose, ensemble

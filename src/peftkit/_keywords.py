@@ -16,6 +16,10 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+# method name -> config class, filled in by ``registry.register_method`` (the registry builds on
+# this module, so the table it reads lives here)
+REGISTERED_CONFIGS: dict[str, type] = {}
+
 NOTHING = object()  # a conversion's answer when no value carries over
 
 
@@ -182,9 +186,7 @@ def _listing(fields: list[str]) -> str:
 
 def _owners(names: tuple[str, ...]) -> str:
     """``alpha= (LoraConfig, AdaLoraConfig)``: which registered config classes have these fields."""
-    from .registry import methods, spec
-
-    classes = [spec(name).config_cls for name in methods()]
+    classes = list(REGISTERED_CONFIGS.values())
     parts = []
     for name in names:
         owners = [c.__name__ for c in classes if name in init_fields(c)]

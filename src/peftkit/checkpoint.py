@@ -241,16 +241,27 @@ def _select(
     return [e for e in entries if e["name"] in names]
 
 
-def _import_peft(model: nn.Module, path: Path, names: Sequence[str] | None) -> nn.Module:
-    from .interop import import_peft  # interop builds on this module
+PeftImporter = Callable[[nn.Module, Path, str], nn.Module]
+# ``interop.peft`` builds on this module, so it hands its importer over when it is imported (the
+# package imports it): ``load_adapter`` reads peft directories without importing interop itself.
+_PEFT_IMPORTER: list[PeftImporter] = []
 
+
+def register_peft_importer(importer: PeftImporter) -> None:
+    """Make ``load_adapter`` read an HF peft directory with ``importer(model, path, name)``."""
+    _PEFT_IMPORTER[:] = [importer]
+
+
+def _import_peft(model: nn.Module, path: Path, names: Sequence[str] | None) -> nn.Module:
+    if not _PEFT_IMPORTER:
+        raise CheckpointError(f"{path} is an HF peft directory; import peftkit.interop to read it")
     wanted = ["default"] if names is None else list(names)
     if len(wanted) != 1:
         raise CheckpointError(
             f"{path} is an HF peft adapter directory, which holds one adapter; pass one name to "
             f"load it as, not {wanted}"
         )
-    return import_peft(model, path, adapter_name=wanted[0])
+    return _PEFT_IMPORTER[0](model, path, wanted[0])
 
 
 def read_checkpoint(

@@ -1,9 +1,9 @@
 """Model-level operations: apply, switch, merge, unload, adapter tensors and training hooks.
 
-A model carries its adapters in one plain attribute (``model._peftkit``): named ``Method`` instances in
-the order they were applied, plus the ``requires_grad`` flags the base had before the first one. All
-structure lives in the module tree itself (adapter layers wrap modules), so ``model.to()``,
-``copy.deepcopy`` and ``state_dict()`` keep working.
+A model carries its adapters in one plain attribute (see ``_state``, the leaf module that holds it):
+named ``Method`` instances in the order they were applied, plus the ``requires_grad`` flags the base
+had before the first one. All structure lives in the module tree itself (adapter layers wrap
+modules), so ``model.to()``, ``copy.deepcopy`` and ``state_dict()`` keep working.
 """
 
 from __future__ import annotations
@@ -12,55 +12,29 @@ import re
 import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
-from typing import Any, Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import torch
 from torch import nn
-from torch.utils.hooks import RemovableHandle
 
 from . import _sharding
 from ._guards import check_tensors_fit, name_list, wrapper_kind
+from ._merge import MergeReport
+from ._state import STATE_ATTR as STATE_ATTR
+from ._state import AdapterState as AdapterState
+from ._state import adapter_state as adapter_state
+from ._state import adapters as adapters
+from ._state import require_state
+from ._state import unwrap_model as unwrap_model
 from .config import MethodConfig
 from .layers import AdapterLayer
-from .methods.base import MergeReport, Method
 from .registry import spec_for_config
 
-STATE_ATTR = "_peftkit"
+if TYPE_CHECKING:
+    from .methods.base import Method
+
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-
-
-@dataclass
-class AdapterState:
-    methods: dict[str, Method] = field(default_factory=dict)
-    base_flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
-    load_guard: RemovableHandle | None = None
-    input_grads: Any = None  # input_grads.InputGrads: inputs that require grad under checkpointing
-
-
-def unwrap_model(model: nn.Module) -> nn.Module:
-    """The user's model inside DistributedDataParallel / torch.compile wrappers."""
-    while True:
-        inner = getattr(model, "_orig_mod", None) or (
-            model.module if isinstance(model, nn.parallel.DistributedDataParallel) else None
-        )
-        if not isinstance(inner, nn.Module):
-            return model
-        model = inner
-
-
-def adapter_state(model: nn.Module) -> AdapterState | None:
-    state = unwrap_model(model).__dict__.get(STATE_ATTR)
-    return state if isinstance(state, AdapterState) else None
-
-
-def _require(model: nn.Module) -> AdapterState:
-    state = adapter_state(model)
-    if state is None or not state.methods:
-        raise ValueError(
-            "the model has no adapters; apply one first, e.g. peftkit.apply_lora(model)"
-        )
-    return state
+_require = require_state
 
 
 def _method(model: nn.Module, name: str) -> Method:
@@ -117,6 +91,7 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
         for p in model.parameters():
             p.requires_grad_(False)
     before = list(model.modules())
+    method.bind(model)
     try:
         method.inject(model)
         _adopt_training_mode(model, before)
@@ -149,12 +124,6 @@ def _adopt_training_mode(model: nn.Module, before: list[nn.Module]) -> None:
                 settled.add(id(inner))
 
 
-def adapters(model: nn.Module) -> dict[str, Method]:
-    """The model's adapters by name, in the order they were applied (empty if none)."""
-    state = adapter_state(model)
-    return dict(state.methods) if state else {}
-
-
 def active_adapters(model: nn.Module) -> list[str]:
     return [name for name, m in adapters(model).items() if m.active]
 
@@ -165,9 +134,7 @@ def set_active(model: nn.Module, names: str | Sequence[str]) -> None:
     state = _require(model)
     inner = unwrap_model(model)
     for name, method in state.methods.items():
-        if method.active != (name in wanted):  # a merged update stays in the weights either way
-            _check_not_merged(method)
-        _check_switch(inner, method, name in wanted)
+        check_switch(inner, method, name in wanted)
     for name, method in state.methods.items():
         method.set_active(name in wanted)
 
@@ -178,8 +145,7 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
     state = _require(model)
     were = {name: m.active for name, m in state.methods.items()}
     for method in state.methods.values():
-        _check_not_merged(method)
-        _check_switch(unwrap_model(model), method, False)
+        check_switch(unwrap_model(model), method, False)
     try:
         for method in state.methods.values():
             method.set_active(False)
@@ -189,12 +155,19 @@ def disable_adapters(model: nn.Module) -> Iterator[nn.Module]:
             method.set_active(were[name])
 
 
-def _check_not_merged(method: Method) -> None:
-    if any(layer.merged for layer in method.layers):
-        raise RuntimeError(
-            f"adapter {method.adapter_name!r} is merged into the base weights; "
-            "call peftkit.unmerge(model) first"
-        )
+def check_switch(model: nn.Module, method: Method, active: bool, *, unmerges: bool = False) -> None:
+    """The one check before an adapter is switched to ``active`` (or, with ``active=False``,
+    deleted): raise, naming the fix, before anything changes, when it cannot be.
+
+    A change of state is refused while the adapter is merged (``unmerges``: the caller unmerges it
+    itself first, as deletion does); switching off is refused for an adapter that kept no copy of
+    base weights it changed in place; and the method's own ``check_switch`` has the last word.
+    """
+    if active != method.active and not unmerges:
+        _check_not_merged(method)
+    if not active and method.active:
+        _check_restorable(method)
+    method.check_switch(model, active)
 
 
 def _check_restorable(method: Method) -> None:
@@ -207,16 +180,17 @@ def _check_restorable(method: Method) -> None:
         )
 
 
-def _check_switch(model: nn.Module, method: Method, active: bool) -> None:
-    """Refuse (before anything changes) a switch or deletion the adapter cannot do."""
-    if not active and method.active:
-        _check_restorable(method)
-    method.check_switch(model, active)
+def _check_not_merged(method: Method) -> None:
+    if any(layer.merged for layer in method.layers):
+        raise RuntimeError(
+            f"adapter {method.adapter_name!r} is merged into the base weights; "
+            "call peftkit.unmerge(model) first"
+        )
 
 
 def delete_adapter(model: nn.Module, name: str) -> None:
     """Remove adapter ``name``, restoring exactly the modules that were there before it."""
-    _check_switch(unwrap_model(model), _method(model, name), False)
+    check_switch(unwrap_model(model), _method(model, name), False, unmerges=True)
     _check_unmerge_order(unwrap_model(model), _method(model, name))
     detach(model, name)
 
@@ -238,11 +212,11 @@ def unload(model: nn.Module) -> nn.Module:
     Returns the model (the module inside a DDP / ``torch.compile`` wrapper), so
     ``model = unload(model)`` works as with HF peft; the change is in place either way.
     """
-    for method in adapters(model).values():
+    for method in adapters(model).values():  # refused before the unmerge changes anything
         _check_restorable(method)
     unmerge(model)
     for method in adapters(model).values():
-        _check_switch(unwrap_model(model), method, False)
+        check_switch(unwrap_model(model), method, False, unmerges=True)
     for name in reversed(list(adapters(model))):
         delete_adapter(model, name)
     return unwrap_model(model)

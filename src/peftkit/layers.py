@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from . import quant
+from ._merge import MergeContext, MergeFacts, bottom_blocker
 
 # torch's process-wide module hooks (nn.modules.module.register_module_forward_hook & co.).
 _GLOBAL_FORWARD_HOOKS = tuple(
@@ -215,6 +216,49 @@ class AdapterLayer(nn.Module):
         """The base bias with this layer folded in; the default leaves it unchanged (same tensor)."""
         return bias
 
+    def merge_context(self, facts: MergeFacts) -> MergeContext:
+        """The context ``merge_blocker`` answers from: ``facts`` and the stack below this layer."""
+        below: list[AdapterLayer] = []
+        inner = self.base
+        while isinstance(inner, AdapterLayer):
+            below.append(inner)
+            inner = inner.base
+        return MergeContext(facts=facts, below=tuple(below), bottom=inner)
+
+    def merge_blocker(self, ctx: MergeContext) -> str | None:
+        """Why this layer cannot be folded into its base weight now, or None when it can.
+
+        The default covers any layer that declares ``mergeable`` / ``additive`` truthfully: each
+        layer below may object (``blocks_outer``), a layer that transforms its base's output
+        (``additive = False``) waits for every enabled layer below to be folded first, and the
+        original module at the bottom must take an update (``_merge.bottom_blocker``). A method
+        with a rule of its own overrides this in its own file, calling ``super()``.
+        """
+        if not self.mergeable:
+            return f"{type(self).__name__} is not linear in the base weight; it stays as a layer"
+        if not self.active:
+            return "adapter is inactive; activate it to merge it"
+        for inner in ctx.below:
+            reason = inner.blocks_outer(self, ctx)
+            if reason is not None:
+                return reason
+            # folded, a transform of the output would act on W only, not on what ``inner`` adds
+            if not self.additive and inner.enabled and not ctx.below_folded:
+                return (
+                    f"it transforms the output of {type(inner).__name__} (adapter "
+                    f"{inner.adapter_name!r}) below it, which is not merged; merge that adapter "
+                    "first"
+                )
+        return bottom_blocker(ctx)
+
+    def blocks_outer(self, outer: AdapterLayer, ctx: MergeContext) -> str | None:
+        """Why ``outer``, a layer further out in this layer's stack, cannot fold into the base
+        weight because of this layer, or None. By default a layer that transforms its base's
+        output (not additive) and is not merged itself stands in the way."""
+        if not self.additive and not self.merged:
+            return f"sits outside a non-linear {type(self).__name__}; merging would change outputs"
+        return None
+
     def merge(self) -> None:
         """Fold this layer into the base weight (and bias) and record exactly what changed, so
         ``unmerge`` restores it; forward then skips the adapter path."""
@@ -283,6 +327,14 @@ class SavedModule(AdapterLayer):
         self.trained = copy.deepcopy(base)
         for p in self.trained.parameters():
             p.requires_grad_(True)
+
+    def merge_blocker(self, ctx: MergeContext) -> str | None:
+        """A trained copy replaces the module whole: only an inactive adapter keeps it."""
+        return None if self.active else "adapter is inactive; activate it to merge it"
+
+    def blocks_outer(self, outer: AdapterLayer, ctx: MergeContext) -> str | None:
+        # the copy computes with its own weights, not the base weight ``outer`` would fold into
+        return "sits outside a module trained in full (modules_to_save); it stays as a layer"
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         if self.active or self.merged:

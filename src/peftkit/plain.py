@@ -18,15 +18,18 @@ from __future__ import annotations
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from .core import adapters, unwrap_model
+from ._merge import merge_blocker, tied_parameter_ids
+from ._state import adapters, unwrap_model
 from .layers import AdapterLayer, AdapterModule, SavedModule
-from .methods.base import Method, merge_blocker, tied_parameter_ids
 from .targeting import iter_modules
+
+if TYPE_CHECKING:
+    from .methods.base import Method
 
 _FIX = (
     "save the adapters with peftkit.save_adapter(model, directory) (peftkit.load_adapter puts them "
@@ -136,7 +139,7 @@ def _stacks(model: nn.Module) -> list[_Stack]:
     return sorted(stacks, key=lambda s: len(s.raw))
 
 
-def _fold(outer: AdapterLayer, tied: set[int]) -> tuple[nn.Module, tuple[AdapterLayer, ...]]:
+def _fold(outer: AdapterLayer, tied: frozenset[int]) -> tuple[nn.Module, tuple[AdapterLayer, ...]]:
     """The module whose tensors the plain model holds at ``outer``'s place, and the enabled layers
     whose updates are added to its weight (each checked to be foldable)."""
     folded: list[AdapterLayer] = []

@@ -4,6 +4,10 @@ A method registers itself with a decorator next to its definition; nothing else 
 
     @register_method("lora", LoraConfig)
     class Lora(SwapMethod): ...
+
+The built-in methods are registered by the time any of this runs: importing any part of peftkit
+imports the package first, and the package imports ``peftkit.methods``. The registry itself
+imports no method, so methods can import it without a cycle.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeVar
 
+from . import _keywords
 from .config import MethodConfig
 
 if TYPE_CHECKING:
@@ -57,6 +62,7 @@ def register_method(
         method_cls.config_cls = config_cls
         config_cls.method = name
         _BY_NAME[name] = MethodSpec(name, config_cls, method_cls)
+        _keywords.REGISTERED_CONFIGS[name] = config_cls
         return method_cls
 
     return decorate
@@ -64,13 +70,11 @@ def register_method(
 
 def methods() -> list[str]:
     """Names of the registered methods, in registration order."""
-    _load_builtin_methods()
     return list(_BY_NAME)
 
 
 def spec(name: str) -> MethodSpec:
     """The registry entry for ``name``; unknown names list what is registered."""
-    _load_builtin_methods()
     try:
         return _BY_NAME[name]
     except KeyError:
@@ -82,7 +86,6 @@ def spec(name: str) -> MethodSpec:
 
 def spec_for_config(config: MethodConfig) -> MethodSpec:
     """The registry entry whose config class is ``type(config)`` (or its nearest base)."""
-    _load_builtin_methods()
     for cls in type(config).__mro__:
         for entry in _BY_NAME.values():
             if entry.config_cls is cls:
@@ -91,8 +94,3 @@ def spec_for_config(config: MethodConfig) -> MethodSpec:
         f"{type(config).__name__} is not the config of any registered method; "
         "decorate your method class with @register_method(name, ConfigClass)"
     )
-
-
-def _load_builtin_methods() -> None:
-    # Importing the package registers the built-in methods; this makes the registry usable on its own.
-    from . import methods as _builtin  # noqa: F401

@@ -351,7 +351,26 @@ class Trainer:
     def evaluate(self, data: Any) -> dict[str, float]:
         """Mean loss (weighted by batch size) and ``compute_metrics`` over ``data``, all processes."""
         self.raw.to(self.device)
-        return evaluation.evaluate(self, data)
+        cfg = self.config
+        batches, sharded = evaluation.eval_batches(
+            data,
+            batch_size=cfg.eval_batch_size or cfg.batch_size,
+            collate_fn=self.collate_fn,
+            num_workers=cfg.num_workers,
+            seed=cfg.seed,
+            where=self.dist,
+        )
+        return evaluation.evaluate(
+            self.model,
+            batches,
+            self.loss_fn if self.custom_loss else None,
+            metrics=self.compute_metrics,
+            autocast=self._autocast,
+            task=cfg.task,
+            device=self.device,
+            gather=self.dist if sharded else None,
+            even=_sharding.is_fsdp2(self.raw),
+        )
 
     def _evaluate_and_track(self, data: Any, monitor: Monitor) -> tuple[dict[str, float], bool]:
         """Evaluate, log, keep the best adapter; True when early stopping says stop."""

@@ -36,6 +36,7 @@ from ..checkpoint import (
     _read_weights,
     _to_saveable,
     checkpoint_layout,
+    register_peft_importer,
 )
 from ..config import MethodConfig
 from ..core import adapters, attach, delete_adapter, load_adapter_state_dict, unwrap_model
@@ -115,13 +116,7 @@ def register_peft_converter(cls: T) -> T:
 
 def converters() -> dict[str, str]:
     """peftkit method name -> peft type, for every registered converter."""
-    _load_builtin_converters()
     return {name: c.peft_type for name, c in _BY_METHOD.items()}
-
-
-def _load_builtin_converters() -> None:
-    # The built-in converters register themselves on import (as methods do in the registry).
-    from . import peft_adalora, peft_ia3, peft_lora, peft_prefix  # noqa: F401
 
 
 # -- export ------------------------------------------------------------------------------------
@@ -186,7 +181,6 @@ def _write(out: Path, adapter: PeftAdapter) -> Path:
 
 
 def _converter_for_method(name: str) -> PeftConverter:
-    _load_builtin_converters()
     if name not in _BY_METHOD:
         raise InteropError(
             f"peft export supports methods {sorted(_BY_METHOD)}; the adapter uses {name!r}, which "
@@ -208,7 +202,6 @@ def import_peft(
     path = Path(directory)
     adapter = read_peft_directory(path)
     peft_type = adapter.config.get("peft_type")
-    _load_builtin_converters()
     if peft_type not in _BY_PEFT_TYPE:
         supported = sorted(_BY_PEFT_TYPE)
         raise InteropError(
@@ -395,3 +388,10 @@ def pattern_names(values: dict[str, Any], default: Any) -> dict[str, Any]:
         if (default if key is None else out[key]) != value:
             raise InteropError(f"cannot name the per-module value of {path!r} exactly")
     return out
+
+
+def _import_for_load_adapter(model: nn.Module, path: Path, name: str) -> nn.Module:
+    return import_peft(model, path, adapter_name=name)
+
+
+register_peft_importer(_import_for_load_adapter)

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from ..core import unwrap_model
+from .._state import unwrap_model
 from ..layers import AdapterLayer
 
 LossFn = Callable[[nn.Module, Any], torch.Tensor]

@@ -1,7 +1,7 @@
 """Losses that need the model and the batch: R-Drop and knowledge distillation.
 
 Each is a ``loss_fn(model, batch) -> scalar`` for ``Trainer(loss_fn=...)`` or a hand-written loop;
-the task part of the loss is the Trainer's default (see ``peftkit.training.tasks``).
+the task part of the loss is the Trainer's default (see ``peftkit.losses.tasks``).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..training import tasks  # a module reference: tasks imports .functional (no cycle at use)
+from . import tasks
 from .functional import IGNORE_INDEX, distillation_kl, symmetric_kl
 
 

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ..core import adapter_state_dict, adapters
+from .tasks import TaskLoss
 
 
 def named_trainable(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -79,8 +80,6 @@ class EWC:
     ) -> EWC:
         """Anchor the current parameters, with F estimated on ``batches`` of the previous task."""
         if loss_fn is None:
-            from ..training.tasks import TaskLoss
-
             loss_fn = TaskLoss()
         params = named_trainable(model)
         fisher = {k: torch.zeros_like(p) for k, p in params.items()}

@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._state import adapters
 from ..config import TargetedConfig, check_finite_number, check_positive_int, check_probability
 from ..layers import AdapterLayer, cast_like, has_call_hooks
 from ..registry import register_method
@@ -494,8 +495,6 @@ class AdaLora(SwapMethod):
 
 def rank_pattern(model: nn.Module, adapter_name: str | None = None) -> dict[str, int]:
     """Live rank of every layer of the model's AdaLoRA adapter (or the named one), by module path."""
-    from ..core import adapters
-
     found = {n: m for n, m in adapters(model).items() if isinstance(m, AdaLora)}
     if adapter_name is not None:
         if adapter_name not in found:

@@ -370,7 +370,6 @@ class Adapter(Method):
                 _check_square(module, path)
             layer = kind(module, self.adapter_name, path, width=width, config=self.config)
             set_module(model, path, layer)
-            self.layers.append(layer)
         self.inject_saved_modules(model)
 
     def placement(self, model: nn.Module) -> Placement:

@@ -9,49 +9,27 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import nn
 
-from .. import _compat, quant
+from .. import _compat
+from .._merge import MergeFacts, tied_parameter_ids
+from .._merge import MergeReport as MergeReport
+from .._merge import merge_blocker as merge_blocker
+from .._state import adapters
 from ..config import MethodConfig, TargetedConfig
+from ..core import apply
 from ..layers import AdapterLayer, SavedModule
 from ..targeting import (
     check_called,
     get_module,
-    is_conv1d_class,
     remove_wrapper,
     select,
     select_named,
     set_module,
 )
-
-
-@dataclass
-class MergeReport:
-    """What a merge did: names of layers folded in, and layers left in place with the reason."""
-
-    merged: list[str] = field(default_factory=list)
-    kept: dict[str, str] = field(default_factory=dict)
-    # merged layers whose base is quantized -> re-quantisation error of the merged weight,
-    # ‖Q(W + ΔW) − (W + ΔW)‖_F / ‖ΔW‖_F (see peftkit.quant.QuantizedMerge)
-    requantized: dict[str, float] = field(default_factory=dict)
-
-    def extend(self, other: MergeReport) -> None:
-        self.merged.extend(other.merged)
-        self.kept.update(other.kept)
-        self.requantized.update(other.requantized)
-
-    def __str__(self) -> str:
-        lines = [f"merged {len(self.merged)} layer(s)"]
-        lines += [f"kept {name}: {why}" for name, why in self.kept.items()]
-        lines += [
-            f"re-quantized {name}: error {err:.3g} of the update's norm"
-            for name, err in self.requantized.items()
-        ]
-        return "\n".join(lines)
 
 
 class Method:
@@ -84,12 +62,43 @@ class Method:
     def __init__(self, config: MethodConfig, adapter_name: str) -> None:
         self.config = config
         self.adapter_name = adapter_name
-        self.layers: list[AdapterLayer] = []
-        self.active = True
+        self.model: nn.Module | None = None  # the model this adapter is in (``bind``)
+        self._active = True  # read only by an adapter without layers (see ``active``)
+
+    # -- state, read from the module tree ----------------------------------------------------
+    def bind(self, model: nn.Module) -> None:
+        """Note the model this adapter is injected into; ``core.attach`` calls it first."""
+        self.model = model
+
+    @property
+    def layers(self) -> tuple[AdapterLayer, ...]:
+        """This adapter's layers, found in the module tree (model order): the tree is the one
+        record of what is wrapped, so a layer removed or replaced there is gone here too."""
+        if self.model is None:
+            return ()
+        name = self.adapter_name
+        return tuple(
+            m
+            for m in self.model.modules()
+            if isinstance(m, AdapterLayer) and m.adapter_name == name
+        )
+
+    @property
+    def active(self) -> bool:
+        """Whether the adapter computes and trains: its layers' flags (any layer on), or, for an
+        adapter without layers (full fine-tuning of base parameters), its own flag."""
+        flags = self.active_flags()
+        return any(flags) if flags else self._active
+
+    def active_flags(self) -> list[bool]:
+        """The flags ``active`` is read from; a method with modules beside its layers (a prefix
+        table) adds theirs."""
+        return [layer.active for layer in self.layers]
 
     # -- lifecycle ---------------------------------------------------------------------------
     def inject(self, model: nn.Module) -> None:
-        """Add this adapter to ``model`` (in place). The base stays frozen."""
+        """Add this adapter to ``model`` (in place): put its layers into the module tree (they
+        are found there again through ``layers``). The base stays frozen."""
         raise NotImplementedError
 
     def inject_saved_modules(
@@ -104,16 +113,13 @@ class Method:
         )
         check_called(model, chosen, "modules_to_save")
         for path, module in chosen:
-            layer = SavedModule(module, self.adapter_name, path)
-            set_module(model, path, layer)
-            self.layers.append(layer)
+            set_module(model, path, SavedModule(module, self.adapter_name, path))
 
     def remove(self, model: nn.Module) -> None:
         """Take this adapter out, restoring exactly what was there before ``inject``."""
         for layer in reversed(self.layers):
             layer.unmerge()
             remove_wrapper(model, layer, layer.base)
-        self.layers.clear()
 
     def is_empty(self) -> bool:
         """True once nothing of this adapter is left in the model (e.g. after merge-and-unload)."""
@@ -164,13 +170,19 @@ class Method:
         """
         return True
 
+    def restored_parameters(self) -> Iterator[nn.Parameter]:
+        """Base parameters this adapter will put back to their original values when it is
+        switched off or removed (full fine-tuning that keeps the originals). A merge-and-unload
+        into one of them is refused: the restore would drop the folded update."""
+        return iter(())
+
     def check_switch(self, model: nn.Module, active: bool) -> None:
         """Raise, naming the fix, if this adapter cannot be switched to ``active`` (or, with
         ``active=False``, deleted) right now. Model-level operations call it for every adapter they
         will touch before touching any, so a refused switch changes nothing."""
 
     def set_active(self, active: bool) -> None:
-        self.active = active
+        self._active = active
         for layer in self.layers:
             layer.active = active
         for p in self.parameters():
@@ -182,19 +194,21 @@ class Method:
         it for every adapter they will merge before merging any."""
 
     def merge(self, model: nn.Module, *, unload: bool) -> MergeReport:
-        """Fold mergeable layers into the base weights; with ``unload``, drop their wrappers too."""
+        """Fold mergeable layers into the base weights; with ``unload``, drop their wrappers too.
+
+        Each layer answers for itself (``AdapterLayer.merge_blocker``) from one ``MergeFacts`` of
+        the model; a layer that refuses is reported in ``kept`` with its reason and left as it is.
+        """
         report = MergeReport()
-        tied = tied_parameter_ids(model)
-        kept = _kept_original_ids(model) if unload else set()
+        facts = merge_facts(model, unload=unload)
         for layer in list(self.layers):
-            reason = merge_blocker(layer, tied) or _unload_blocker(layer, kept)
-            if reason:
-                report.kept[f"{self.adapter_name}:{layer.path}"] = reason
-                continue
             name = f"{self.adapter_name}:{layer.path}"
+            reason = layer.merge_blocker(layer.merge_context(facts))
+            if reason:
+                report.kept[name] = reason
+                continue
             if unload:
                 remove_wrapper(model, layer, layer.merged_module())
-                self.layers.remove(layer)
             else:
                 layer.merge()
             report.merged.append(name)
@@ -244,9 +258,7 @@ class SwapMethod(Method):
         chosen = select(model, self.config, self.supported, method=self.name)
         self.check_selection([path for path, _ in chosen])
         for path, module in chosen:
-            layer = self.wrap(module, path)
-            set_module(model, path, layer)
-            self.layers.append(layer)
+            set_module(model, path, self.wrap(module, path))
         self.inject_saved_modules(model)
 
 
@@ -308,8 +320,6 @@ def apply_with(
     fields: dict[str, Any],
 ) -> nn.Module:
     """Shared body of the ``apply_<method>`` shortcuts: a config object or its fields, not both."""
-    from ..core import apply
-
     if config is not None and fields:
         raise TypeError(f"pass either config= or {config_cls.__name__} fields, not both")
     if config is not None and not isinstance(config, config_cls):
@@ -317,94 +327,11 @@ def apply_with(
     return apply(model, config if config is not None else config_cls(**fields), adapter_name)
 
 
-def merge_blocker(layer: AdapterLayer, tied: set[int], *, below_folded: bool = False) -> str | None:
-    """Why ``layer`` cannot be folded into its base weight, or None when it can.
-
-    ``below_folded``: every enabled layer below is folded into the same weight first (a plain
-    state dict folds whole stacks), so a layer that transforms their output may fold too."""
-    if not layer.mergeable:
-        return f"{type(layer).__name__} is not linear in the base weight; it stays as a layer"
-    if not layer.active:
-        return "adapter is inactive; activate it to merge it"
-    if isinstance(layer, SavedModule):
-        return None
-    inner = layer.base
-    while isinstance(inner, AdapterLayer):
-        if isinstance(inner, SavedModule):  # it computes with its trained copy, not this weight
-            return "sits outside a module trained in full (modules_to_save); it stays as a layer"
-        if not inner.additive and not inner.merged:
-            return f"sits outside a non-linear {type(inner).__name__}; merging would change outputs"
-        # folded, a transform of the output would act on W only, not on what ``inner`` adds
-        if not layer.additive and inner.enabled and not below_folded:
-            return (
-                f"it transforms the output of {type(inner).__name__} (adapter "
-                f"{inner.adapter_name!r}) below it, which is not merged; merge that adapter first"
-            )
-        inner = inner.base
-    return _base_blocker(inner, tied)
-
-
-def _base_blocker(inner: nn.Module, tied: set[int]) -> str | None:
-    """Why an update cannot be folded into the original module ``inner``, or None when it can."""
-    weight = getattr(inner, "weight", None)
-    if weight is not None and id(weight) in tied:
-        return "its base weight is tied to another module (e.g. input and output embeddings)"
-    refused = quant.merge_refusal(inner)
-    if refused is not None:
-        return refused
-    if isinstance(inner, nn.Embedding) and inner.max_norm is not None:
-        return (
-            "its base nn.Embedding renormalises the rows it looks up (max_norm), in place: a "
-            "folded update would be renormalised too, and unmerge could not subtract it exactly"
-        )
-    owner = None if quant.base_kind(inner) is not None else _forward_owner(inner)
-    if owner is not None:
-        return (
-            f"its base {type(inner).__name__} computes its own forward() ({owner}, e.g. a scaled "
-            "embedding), so the update folded into the weight would not give the same outputs"
-        )
-    return None
-
-
-def _kept_original_ids(model: nn.Module) -> set[int]:
-    """Base parameters an adapter trains in place while keeping their original values to restore."""
-    from ..core import adapters
-
-    return {
-        id(p)
-        for method in adapters(model).values()
-        if method.trains_base_in_place and method.restorable
-        for p in method.parameters()
-    }
-
-
-def _unload_blocker(layer: AdapterLayer, kept: set[int]) -> str | None:
-    """Why ``layer`` cannot be merged for good: restoring the kept original would drop its update."""
-    if (
-        isinstance(layer, SavedModule)
-        or id(getattr(layer.base_layer(), "weight", None)) not in kept
-    ):
-        return None
-    return (
-        "its base weight is trained in place by an adapter that keeps the original to restore it, "
-        "which would drop this update; merge_and_unload that adapter first, or merge without unload"
+def merge_facts(model: nn.Module, *, unload: bool) -> MergeFacts:
+    """What a merge into ``model`` needs to know about the model as a whole."""
+    kept = {id(p) for m in adapters(model).values() for p in m.restored_parameters()}
+    return MergeFacts(
+        tied=tied_parameter_ids(model),
+        kept_originals=frozenset(kept) if unload else frozenset(),
+        unload=unload,
     )
-
-
-def _forward_owner(module: nn.Module) -> str | None:
-    """The class that replaces a torch layer's forward, or None when the forward is torch's own (or
-    transformers' Conv1D). A merge assumes the output is the layer's standard function of its weight;
-    a subclass such as an embedding that multiplies its output by a constant breaks that."""
-    owner = next((c for c in type(module).__mro__ if "forward" in vars(c)), None)
-    if owner is None or owner.__module__.startswith("torch.nn.") or is_conv1d_class(owner):
-        return None
-    return owner.__qualname__
-
-
-def tied_parameter_ids(model: nn.Module) -> set[int]:
-    """Ids of parameters the model reaches under more than one name."""
-    seen: set[int] = set()
-    tied: set[int] = set()
-    for _, p in model.named_parameters(remove_duplicate=False):
-        (tied if id(p) in seen else seen).add(id(p))
-    return tied

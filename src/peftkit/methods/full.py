@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._state import adapters
 from ..config import MethodConfig, _check_patterns, check_positive_int
 from ..layers import AdapterLayer, SavedModule
 from ..registry import register_method
@@ -244,6 +245,11 @@ class Full(Method):
         return out
 
     # -- switching ---------------------------------------------------------------------------
+    def restored_parameters(self) -> Iterator[nn.Parameter]:
+        """The parameters it trains, when it keeps their originals to put back."""
+        if self.config.keep_original:
+            yield from (p.get() for p in self.owned)
+
     def check_switch(self, model: nn.Module, active: bool) -> None:
         if active == self.active or not self.owned:
             return
@@ -295,8 +301,6 @@ class Full(Method):
 
 
 def _check_disjoint(model: nn.Module, chosen: list[BaseParameter], name: str) -> None:
-    from ..core import adapters
-
     mine = {id(p.get()): p.name for p in chosen}
     for other, method in adapters(model).items():
         if method.trains_base_in_place:

@@ -1,25 +1,28 @@
-"""Evaluation for the Trainer: loss and metrics over a dataset, sharded across processes.
+"""Evaluation: loss and metrics over a dataset, sharded across processes.
 
 Each process evaluates its share (rank r takes examples r, r + world, ...; no padding, so nothing is
 counted twice); losses are summed and predictions gathered before the metrics are computed, so
-every process returns the same numbers.
+every process returns the same numbers. ``evaluate`` takes what it needs (the model, the batches,
+the loss, the metrics, the autocast context) rather than the Trainer, which composes it with
+``eval_batches`` in ``Trainer.evaluate``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 import torch
+from torch import nn
 
-from .. import _sharding
 from ..losses.functional import IGNORE_INDEX
+from ..losses.tasks import forward, predictions
 from . import data as D
 from . import distributed
-from .tasks import forward, predictions
 
-if TYPE_CHECKING:
-    from ..trainer import Trainer
+LossFn = Callable[[nn.Module, Any], torch.Tensor]
+Metrics = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
 
 
 def batch_size(batch: Any) -> int:
@@ -35,17 +38,23 @@ def batch_size(batch: Any) -> int:
     return 0
 
 
-def eval_batches(trainer: Trainer, data: Any) -> tuple[Iterable[Any], bool]:
+def eval_batches(
+    data: Any,
+    *,
+    batch_size: int,
+    collate_fn: Callable[[list[Any]], Any] | None,
+    num_workers: int,
+    seed: int,
+    where: distributed.Dist,
+) -> tuple[Iterable[Any], bool]:
     """This process's batches of ``data`` and whether they are a shard (to be gathered)."""
-    cfg, where = trainer.config, trainer.dist
-    size = cfg.eval_batch_size or cfg.batch_size
-    spec = D.loader_spec(data, size, False, trainer.collate_fn, cfg.num_workers)
+    spec = D.loader_spec(data, batch_size, False, collate_fn, num_workers)
     if spec is None:
         return data, False
     spec = D.LoaderSpec(spec.dataset, spec.batch_size, False, spec.collate_fn, spec.num_workers)
     n = len(spec.dataset)
     sampler = D.ShardSampler(n, shuffle=False, rank=where.rank, world=where.world, pad=False)
-    return D.build_loader(spec, sampler, seed=cfg.seed), where.active
+    return D.build_loader(spec, sampler, seed=seed), where.active
 
 
 def concat(parts: list[torch.Tensor]) -> torch.Tensor:
@@ -65,16 +74,15 @@ def concat(parts: list[torch.Tensor]) -> torch.Tensor:
 
 
 def _loss_and_pairs(
-    trainer: Trainer, batch: Any
+    model: nn.Module, batch: Any, loss_fn: LossFn | None, task: str, want_pairs: bool
 ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
-    want_pairs = trainer.compute_metrics is not None
-    if trainer.custom_loss:
-        loss = trainer.loss_fn(trainer.model, batch)
+    if loss_fn is not None:
+        loss = loss_fn(model, batch)
         if not want_pairs:
             return loss, None
-        fw = forward(trainer.model, batch, trainer.config.task)
+        fw = forward(model, batch, task)
     else:
-        fw = forward(trainer.model, batch, trainer.config.task)
+        fw = forward(model, batch, task)
         loss = fw.loss
     return loss, predictions(fw, batch) if want_pairs else None
 
@@ -91,38 +99,65 @@ def _check_even(batches: Any, where: distributed.Dist) -> None:
 
 
 @torch.no_grad()
-def evaluate(trainer: Trainer, data: Any) -> dict[str, float]:
-    """Mean loss (batches weighted by their size) and ``trainer.compute_metrics`` over ``data``."""
-    model, where = trainer.model, trainer.dist
+def evaluate(
+    model: nn.Module,
+    batches: Iterable[Any],
+    loss_fn: LossFn | None = None,
+    *,
+    metrics: Metrics | None = None,
+    autocast: Callable[[], AbstractContextManager[Any]] = nullcontext,
+    task: str = "auto",
+    device: torch.device | None = None,
+    gather: distributed.Dist | None = None,
+    even: bool = False,
+) -> dict[str, float]:
+    """Mean loss (batches weighted by their size) and ``metrics(predictions, labels)`` over
+    ``batches``, each moved to ``device`` and run under ``autocast()``.
+
+    loss_fn(model, batch) -> scalar; None reads the model's own loss for ``task`` (the Trainer's
+    default). gather: the processes whose shards ``batches`` is one of (losses summed, predictions
+    gathered); None when ``batches`` is the whole set. even: every process must run as many batches
+    (FSDP2 gathers weights in every forward).
+    """
     was_training = model.training
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64)
     preds: list[torch.Tensor] = []
     labels: list[torch.Tensor] = []
-    batches, sharded = eval_batches(trainer, data)
-    if sharded and _sharding.is_fsdp2(trainer.raw):
-        _check_even(batches, where)
+    if gather is not None and even:
+        _check_even(batches, gather)
     try:
         for batch in batches:
             n = batch_size(batch)
-            with trainer._autocast():
-                loss, pair = _loss_and_pairs(trainer, D.to_device(batch, trainer.device))
+            on_device = D.to_device(batch, device) if device is not None else batch
+            with autocast():
+                loss, pair = _loss_and_pairs(model, on_device, loss_fn, task, metrics is not None)
             totals += torch.tensor([float(loss) * n, n], dtype=torch.float64)
             if pair is not None:
                 preds.append(pair[0].cpu())
                 labels.append(pair[1].cpu())
     finally:
         model.train(was_training)
-    if sharded:
-        totals = distributed.mean(totals.to(trainer.device), where).cpu() * where.world
-        preds = [p for part in distributed.gather(preds, where) for p in part]
-        labels = [y for part in distributed.gather(labels, where) for y in part]
+    if gather is not None:
+        on = totals.to(device) if device is not None else totals
+        totals = distributed.mean(on, gather).cpu() * gather.world
+        preds = [p for part in distributed.gather(preds, gather) for p in part]
+        labels = [y for part in distributed.gather(labels, gather) for y in part]
+    return _summary(totals, preds, labels, metrics)
+
+
+def _summary(
+    totals: torch.Tensor,
+    preds: list[torch.Tensor],
+    labels: list[torch.Tensor],
+    metrics: Metrics | None,
+) -> dict[str, float]:
     if not totals[1]:
         raise ValueError(
             "eval_data yielded no examples, so there is no loss to report; pass a non-empty eval "
             "set (a one-shot iterable is used up after one evaluation: pass a list or Dataset)"
         )
-    metrics = {"loss": float(totals[0] / totals[1])}
-    if trainer.compute_metrics is not None and labels:
-        metrics.update(trainer.compute_metrics(concat(preds), concat(labels)))
-    return metrics
+    out = {"loss": float(totals[0] / totals[1])}
+    if metrics is not None and labels:
+        out.update(metrics(concat(preds), concat(labels)))
+    return out

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from ... import _compat
+from ..._state import adapters
 from ...config import MethodConfig, check_finite_number, check_positive_int
 from ...registry import register_method
 from ..base import MergeReport, Method, apply_with
@@ -194,6 +195,10 @@ class Prefix(Method):
         self.start_folded = bool(state.get("folded", False))
 
     # -- switching and merging ---------------------------------------------------------------
+    def active_flags(self) -> list[bool]:
+        table = [self.table.active] if self.table is not None else []
+        return table + super().active_flags()
+
     def set_active(self, active: bool) -> None:
         if self.table is not None:
             self.table.active = active
@@ -276,8 +281,6 @@ def fold_prefix(model: nn.Module, adapter_names: Sequence[str] | None = None) ->
     Outputs are unchanged (bit for bit). Call it when training ends: inference then carries no MLP.
     Folding makes new parameters, so an optimiser built before it no longer updates the prefix.
     """
-    from ...core import adapters
-
     found = adapters(model)
     names = list(adapter_names) if adapter_names is not None else list(found)
     unknown = [n for n in names if n not in found]
