@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tests.helpers import has_adapter_layers, perturb
 from torch import nn
 
 import peftkit
 from peftkit._forward_check import forward_mismatch
+
+from helpers import has_adapter_layers, perturb
 
 transformers = pytest.importorskip("transformers")
 

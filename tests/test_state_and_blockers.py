@@ -112,6 +112,9 @@ def test_layers_are_read_from_the_module_tree() -> None:
     set_module(model, "v", model.v.base)  # the tree changes: so does the adapter's record
     assert [la.path for la in method.layers] == ["q"]
     assert [p.shape for p in method.parameters()] == [torch.Size([2, 6]), torch.Size([5, 2])]
+    model.v = peftkit.layers.SavedModule(model.v, "default", "v")  # a hand edit, no peftkit call
+    assert peftkit.merge(model).merged == ["default:q", "default:v"]  # an operation re-reads
+    peftkit.unmerge(model)
     peftkit.merge_and_unload(model)
     assert method.layers == () and peftkit.adapters(model) == {}
 

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from . import _compat
+from ._state import tree_changed
 from .layers import AdapterLayer
 
 
@@ -103,3 +104,4 @@ def _trial_forward(model: nn.Module, watched: list[str]) -> set[str] | None:
 def _put(model: nn.Module, name: str, module: nn.Module) -> None:
     owner, _, leaf = name.rpartition(".")
     setattr(model.get_submodule(owner) if owner else model, leaf, module)
+    tree_changed()

@@ -21,6 +21,20 @@ if TYPE_CHECKING:
     from .methods.base import Method
 
 STATE_ATTR = "_peftkit"
+# Bumped whenever the module tree may have changed: by peftkit's own edits (``targeting``) and at
+# the start of every model-level operation (``require_state``), so a hand edit between operations
+# is seen too. ``Method.layers`` re-reads the tree when it moved; the per-step hooks in between
+# (step_hooks, regularizer) do not walk the whole model on every step.
+_TREE_EDITS = [0]
+
+
+def tree_changed() -> None:
+    """Note that the module tree may have changed (layers found in it are read again)."""
+    _TREE_EDITS[0] += 1
+
+
+def tree_generation() -> int:
+    return _TREE_EDITS[0]
 
 
 @dataclass
@@ -48,7 +62,9 @@ def adapter_state(model: nn.Module) -> AdapterState | None:
 
 
 def require_state(model: nn.Module) -> AdapterState:
-    """The model's adapter state; an error naming the fix when it has no adapter."""
+    """The model's adapter state; an error naming the fix when it has no adapter. Every
+    model-level operation starts here, so each reads the module tree afresh."""
+    tree_changed()
     state = adapter_state(model)
     if state is None or not state.methods:
         raise ValueError(

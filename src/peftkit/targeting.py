@@ -17,6 +17,7 @@ from torch import nn
 
 from . import _compat, _sharding, quant
 from ._probe import skipped_aliases
+from ._state import tree_changed
 from .config import ALL_LINEAR, TargetedConfig
 from .layers import AdapterLayer, AdapterModule
 
@@ -63,6 +64,7 @@ def set_module(model: nn.Module, name: str, new: nn.Module) -> None:
     parent = get_module(model, parent_name)
     inner = parent.base_layer() if isinstance(parent, AdapterLayer) else parent
     setattr(inner, leaf, new)
+    tree_changed()
 
 
 def remove_wrapper(model: nn.Module, layer: AdapterLayer, replacement: nn.Module) -> None:
@@ -74,6 +76,7 @@ def remove_wrapper(model: nn.Module, layer: AdapterLayer, replacement: nn.Module
     while isinstance(outer, AdapterLayer):
         if outer.base is layer:
             outer.base = replacement
+            tree_changed()
             return
         outer = outer.base
     raise ValueError(

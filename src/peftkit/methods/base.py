@@ -18,7 +18,7 @@ from .. import _compat
 from .._merge import MergeFacts, tied_parameter_ids
 from .._merge import MergeReport as MergeReport
 from .._merge import merge_blocker as merge_blocker
-from .._state import adapters
+from .._state import adapters, tree_generation
 from ..config import MethodConfig, TargetedConfig
 from ..core import apply
 from ..layers import AdapterLayer, SavedModule
@@ -64,6 +64,7 @@ class Method:
         self.adapter_name = adapter_name
         self.model: nn.Module | None = None  # the model this adapter is in (``bind``)
         self._active = True  # read only by an adapter without layers (see ``active``)
+        self._found: tuple[int, tuple[AdapterLayer, ...]] | None = None  # (tree generation, layers)
 
     # -- state, read from the module tree ----------------------------------------------------
     def bind(self, model: nn.Module) -> None:
@@ -73,27 +74,33 @@ class Method:
     @property
     def layers(self) -> tuple[AdapterLayer, ...]:
         """This adapter's layers, found in the module tree (model order): the tree is the one
-        record of what is wrapped, so a layer removed or replaced there is gone here too."""
+        record of what is wrapped, so a layer removed or replaced there is gone here too.
+
+        What was found is reused until the tree may have changed (``_state.tree_changed``: any
+        edit peftkit makes, and the start of each model-level operation), so hooks that run on
+        every training step do not walk the whole model each time."""
         if self.model is None:
             return ()
-        name = self.adapter_name
-        return tuple(
-            m
-            for m in self.model.modules()
-            if isinstance(m, AdapterLayer) and m.adapter_name == name
-        )
+        generation = tree_generation()
+        if self._found is None or self._found[0] != generation:
+            self._found = (generation, _layers_in(self.model, self.adapter_name))
+        return self._found[1]
 
     @property
     def active(self) -> bool:
         """Whether the adapter computes and trains: its layers' flags (any layer on), or, for an
         adapter without layers (full fine-tuning of base parameters), its own flag."""
-        flags = self.active_flags()
-        return any(flags) if flags else self._active
+        seen = False
+        for flag in self.active_flags():
+            if flag:
+                return True
+            seen = True
+        return False if seen else self._active
 
-    def active_flags(self) -> list[bool]:
+    def active_flags(self) -> Iterator[bool]:
         """The flags ``active`` is read from; a method with modules beside its layers (a prefix
         table) adds theirs."""
-        return [layer.active for layer in self.layers]
+        return (layer.active for layer in self.layers)
 
     # -- lifecycle ---------------------------------------------------------------------------
     def inject(self, model: nn.Module) -> None:
@@ -263,6 +270,23 @@ class SwapMethod(Method):
 
 
 C = TypeVar("C", bound=MethodConfig)
+
+
+def _layers_in(model: nn.Module, adapter_name: str) -> tuple[AdapterLayer, ...]:
+    """The adapter layers named ``adapter_name`` in ``model``, in ``model.modules()`` order (an
+    explicit walk: torch's generator costs several times more on a model of a thousand modules)."""
+    found: list[AdapterLayer] = []
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        if isinstance(module, AdapterLayer) and module.adapter_name == adapter_name:
+            found.append(module)
+        stack.extend(reversed([m for m in module._modules.values() if m is not None]))
+    return tuple(found)
 
 
 def _warn_shared(found: list[tuple[str, nn.Module]], adapter_name: str) -> None:

@@ -195,9 +195,10 @@ class Prefix(Method):
         self.start_folded = bool(state.get("folded", False))
 
     # -- switching and merging ---------------------------------------------------------------
-    def active_flags(self) -> list[bool]:
-        table = [self.table.active] if self.table is not None else []
-        return table + super().active_flags()
+    def active_flags(self) -> Iterator[bool]:
+        if self.table is not None:
+            yield self.table.active
+        yield from super().active_flags()
 
     def set_active(self, active: bool) -> None:
         if self.table is not None:
