@@ -67,6 +67,11 @@ def cast_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _MERGE_ORDER = itertools.count(1)
 
 
+def next_merge_order() -> int:
+    """The next position in the merge order, for a layer that records its own merge."""
+    return next(_MERGE_ORDER)
+
+
 @dataclass(frozen=True)
 class MergeRecord:
     """What one layer's merge changed: its place in the merge order, and the weight and bias as
@@ -214,6 +219,15 @@ class AdapterLayer(nn.Module):
     def merged_bias(self, bias: torch.Tensor) -> torch.Tensor:
         """The base bias with this layer folded in; the default leaves it unchanged (same tensor)."""
         return bias
+
+    def merged_state(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The original module's state-dict entry ``name`` with this layer folded in (computed, the
+        module is not touched): ``merged_weight`` for "weight", ``merged_bias`` for "bias", and the
+        tensor itself for an entry the layer does not change. A layer that folds into other
+        entries (nn.MultiheadAttention's ``in_proj_weight``) overrides it."""
+        if name == "weight":
+            return self.merged_weight(tensor)
+        return self.merged_bias(tensor) if name == "bias" else tensor
 
     def merge(self) -> None:
         """Fold this layer into the base weight (and bias) and record exactly what changed, so
