@@ -220,6 +220,11 @@ class AdapterLayer(nn.Module):
         """The base bias with this layer folded in; the default leaves it unchanged (same tensor)."""
         return bias
 
+    def folded_tensors(self) -> list[torch.Tensor]:
+        """The original module's tensors a merge of this layer writes: its ``weight``, if any."""
+        weight = getattr(self.base_layer(), "weight", None)
+        return [weight] if isinstance(weight, torch.Tensor) else []
+
     def merged_state(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
         """The original module's state-dict entry ``name`` with this layer folded in (computed, the
         module is not touched): ``merged_weight`` for "weight", ``merged_bias`` for "bias", and the

@@ -99,7 +99,10 @@ def test_conv1d_equals_the_convolution_with_the_merged_weight(conv: Any) -> None
     ("conv", "found"),
     [
         (lambda: nn.Conv1d(4, 6, 3, groups=2), r"groups=2, padding_mode='zeros'"),
-        (lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular"), "groups=1, padding_mode='circular'"),
+        (
+            lambda: nn.Conv1d(4, 6, 3, padding=1, padding_mode="circular"),
+            "groups=1, padding_mode='circular'",
+        ),
     ],
 )
 def test_conv1d_that_no_dense_update_fits_is_refused(conv: Any, found: str) -> None:
@@ -117,7 +120,9 @@ def test_attention_layer_owns_both_projections_factors() -> None:
     apply_lora(model, r=2, targets=["mha"])
     layer = model.mha
     assert isinstance(layer, LoraMultiheadAttention)
-    shapes = {n: tuple(p.shape) for n, p in peftkit.adapters(model)["default"].state_dict(model).items()}
+    shapes = {
+        n: tuple(p.shape) for n, p in peftkit.adapters(model)["default"].state_dict(model).items()
+    }
     assert shapes == {
         "mha.lora_A": (2, E),
         "mha.lora_B": (3 * E, 2),
@@ -257,9 +262,27 @@ def test_out_proj_alone_is_refused_naming_the_attention_module() -> None:
 def test_attention_over_a_module_trained_in_full_is_refused() -> None:
     model = AttnNet()
     apply_lora(model, targets=["conv"], modules_to_save=["mha"])
-    match = r"LoRA on nn\.MultiheadAttention 'mha' cannot sit over SavedModule \(adapter 'default'\)"
+    match = (
+        r"LoRA on nn\.MultiheadAttention 'mha' cannot sit over SavedModule \(adapter 'default'\)"
+    )
     with pytest.raises(ValueError, match=match):
         apply_lora(model, targets=["mha"], adapter_name="second")
+
+
+def test_attention_is_not_merged_for_good_into_weights_another_adapter_restores() -> None:
+    # A full fine-tune that keeps the original in_proj_weight puts it back when it is unloaded,
+    # which would drop an update merged into it for good.
+    model = AttnNet().double()
+    peftkit.apply(model, peftkit.FullConfig(modules=["mha"]), adapter_name="full")
+    apply_lora(model, r=2, targets=["mha"], adapter_name="lora")
+    perturb(model, scale=0.5)
+    x = _x().double()
+    with torch.no_grad():
+        expected = model(x)
+        model, report = peftkit.merge_and_unload(model, "lora", report=True)
+        assert "trained in place by an adapter that keeps the original" in report.kept["lora:mha"]
+        assert isinstance(model.mha, LoraMultiheadAttention)
+        torch.testing.assert_close(model(x), expected, atol=0, rtol=0)
 
 
 def test_plain_state_dict_folds_both_projections() -> None:

@@ -380,10 +380,7 @@ def _kept_original_ids(model: nn.Module) -> set[int]:
 
 def _unload_blocker(layer: AdapterLayer, kept: set[int]) -> str | None:
     """Why ``layer`` cannot be merged for good: restoring the kept original would drop its update."""
-    if (
-        isinstance(layer, SavedModule)
-        or id(getattr(layer.base_layer(), "weight", None)) not in kept
-    ):
+    if isinstance(layer, SavedModule) or not any(id(t) in kept for t in layer.folded_tensors()):
         return None
     return (
         "its base weight is trained in place by an adapter that keeps the original to restore it, "

@@ -157,6 +157,9 @@ class LoraMultiheadAttention(LoraLayer):
         assert isinstance(w_out, torch.Tensor)
         return attn.in_proj_weight, w_out
 
+    def folded_tensors(self) -> list[torch.Tensor]:
+        return list(self.weights())
+
     def updated(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """(base weight, its update) for in_proj and out_proj: what a merge adds."""
         w_in, w_out = self.weights()
