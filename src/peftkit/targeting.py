@@ -250,7 +250,8 @@ def check_called(
                 continue
             hint = "add it to exclude or target other modules"
             if attention_whole and isinstance(owner, nn.MultiheadAttention):
-                hint = f"target the attention module {'.'.join(parts[:depth])!r} itself instead"
+                owner_name = ".".join(parts[:depth])
+                hint = f"add it to exclude, and target the attention module {owner_name!r} itself"
             raise TargetError(
                 f"{method} cannot adapt {name!r}: {why}, so an adapter there would be skipped; "
                 f"{hint}"

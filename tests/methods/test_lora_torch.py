@@ -251,7 +251,7 @@ def test_out_proj_alone_is_refused_naming_the_attention_module() -> None:
     # The attention reads out_proj.weight instead of calling out_proj: a Linear LoRA there would
     # train nothing that reaches the output.
     model = AttnNet()
-    match = r"cannot adapt 'mha\.out_proj'.*target the attention module 'mha' itself instead"
+    match = r"cannot adapt 'mha\.out_proj'.*exclude, and target the attention module 'mha' itself"
     with pytest.raises(TargetError, match=match):
         apply_lora(model, targets=["out_proj"])
     with pytest.raises(TargetError, match="cannot adapt 'mha.out_proj'"):
