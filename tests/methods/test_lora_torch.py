@@ -367,3 +367,24 @@ def test_other_encoder_layer_modules_stay_refused_while_its_fast_path_is_on() ->
     with pytest.raises(TargetError, match=r"cannot adapt 'enc\.linear1'.*fast path"):
         apply_lora(model, targets=["self_attn", "linear1"])
     assert not peftkit.adapters(model)
+
+
+def test_a_stack_of_encoder_layers_with_a_padding_mask_uses_the_adapted_weights() -> None:
+    # nn.TransformerEncoder turns a padded batch into a nested tensor in eval mode when its layers
+    # could take the fast path; the adapted layers then compute on it on the slow path.
+    def stack() -> nn.TransformerEncoder:
+        torch.manual_seed(0)
+        one = nn.TransformerEncoderLayer(E, HEADS, 16, dropout=0.0, batch_first=True)
+        return nn.TransformerEncoder(one, 2, enable_nested_tensor=True).eval()
+
+    model = stack()
+    apply_lora(model, r=2, targets=["self_attn"])
+    perturb(model, scale=0.5)
+    plain = stack()
+    plain.load_state_dict(peftkit.plain_state_dict(model))
+    x = torch.randn(2, 5, E)
+    mask = torch.tensor([[False] * 5, [False] * 3 + [True] * 2])
+    with torch.no_grad():
+        got = model(x, src_key_padding_mask=mask)
+        torch.testing.assert_close(got, plain(x, src_key_padding_mask=mask), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(got, stack()(x, src_key_padding_mask=mask), atol=1e-3)
