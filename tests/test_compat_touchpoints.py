@@ -5,6 +5,8 @@ feature test fails for a reason that is harder to read."""
 from __future__ import annotations
 
 import inspect
+import re
+import sys
 import warnings
 from pathlib import Path
 
@@ -258,3 +260,21 @@ def test_hf_models_name_their_blocks_for_sharding() -> None:
         f"_no_split_modules gave {blocks}"
     )
     assert _compat.no_split_modules(nn.Linear(2, 2)) == []
+
+
+def test_peft_attention_out_count_is_found_on_the_installed_peft(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    peft = pytest.importorskip("peft")
+    release = tuple(int(n) for n in re.findall(r"\d+", peft.__version__)[:3])
+    count = _compat.peft_attention_out_count()
+    where = f"peft {peft.__version__}: LoRA on nn.MultiheadAttention (see src/peftkit/_compat.py)"
+    assert count in (1, 2), where
+    if release <= (0, 21, 2):  # its merge adds the update twice
+        assert count == 2, where
+    _compat.peft_attention_out_count.cache_clear()
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if peft were not installed
+    try:
+        assert _compat.peft_attention_out_count() == 2
+    finally:
+        _compat.peft_attention_out_count.cache_clear()

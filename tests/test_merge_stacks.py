@@ -71,3 +71,57 @@ def test_two_deep_merge_unmerge_unload(inner: str, outer: str) -> None:
         peftkit.merge(model)
         peftkit.unload(model)
         _close(model.state_dict(), plain)
+
+
+# -- torch's own layers: nn.Conv1d and nn.MultiheadAttention (both weights of the attention) -----
+class _SeqNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv1d(4, 8, 3, padding=1)
+        self.mha = torch.nn.MultiheadAttention(8, 2, batch_first=True)
+        self.head = torch.nn.Linear(8, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.conv(x).transpose(1, 2)
+        return self.head(self.mha(h, h, h, need_weights=False)[0])
+
+
+TORCH_CONFIGS = {
+    "lora": lambda: peftkit.LoraConfig(r=2, alpha=4, targets=["conv", "mha"]),
+    "full": lambda: peftkit.FullConfig(modules=["conv", "mha"]),
+    "ia3": lambda: peftkit.IA3Config(targets=["head"]),
+}
+TORCH_PAIRS = [
+    ("lora", "lora"),
+    ("lora", "full"),
+    ("full", "lora"),
+    ("lora", "ia3"),
+    ("ia3", "lora"),
+]
+
+
+@pytest.mark.parametrize(("inner", "outer"), TORCH_PAIRS)
+def test_two_deep_on_torch_layers(inner: str, outer: str) -> None:
+    plain = dict(_SeqNet().double().state_dict())
+    model = _SeqNet().double()
+    for seed, (name, method) in enumerate([("a", inner), ("b", outer)]):
+        peftkit.apply(model, TORCH_CONFIGS[method](), adapter_name=name)
+        with torch.no_grad():
+            for p in peftkit.adapters(model)[name].parameters():
+                g = torch.Generator().manual_seed(seed + 1)
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float64).to(p) * 0.1)
+    x = torch.randn(2, 4, 6, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    weights = _original(model)
+    with torch.no_grad():
+        expected = model(x)
+        report = peftkit.merge(model)
+        assert all(reason for reason in report.kept.values()), report
+        assert any(name.endswith(":mha") for name in report.merged), report
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+        peftkit.unmerge(model)
+        _close(_original(model), {k: weights[k] for k in plain})
+        torch.testing.assert_close(model(x), expected, atol=1e-6, rtol=0)
+        peftkit.merge(model)
+        peftkit.unload(model)
+        _close(model.state_dict(), plain)

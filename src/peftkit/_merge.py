@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+import torch
 from torch import nn
 
 from . import quant
@@ -74,6 +75,8 @@ class MergeContext:
     facts: MergeFacts
     below: tuple[AdapterLayer, ...]
     bottom: nn.Module
+    folded: tuple[torch.Tensor, ...] = ()
+    """The bottom module's tensors the layer's merge writes (``AdapterLayer.folded_tensors``)."""
     # built by ``AdapterLayer.merge_context(facts)``
 
     @property
@@ -81,9 +84,9 @@ class MergeContext:
         return self.facts.below_folded
 
     def weight_is(self, ids: frozenset[int]) -> bool:
-        """Whether the bottom module's weight is one of the parameters ``ids``."""
-        weight = getattr(self.bottom, "weight", None)
-        return weight is not None and id(weight) in ids
+        """Whether a tensor the merge writes (the bottom module's weight, or an attention's packed
+        projections) is one of the parameters ``ids``."""
+        return any(id(t) in ids for t in self.folded)
 
 
 def tied_parameter_ids(model: nn.Module) -> frozenset[int]:

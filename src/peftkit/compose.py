@@ -25,6 +25,7 @@ from .config import MethodConfig
 from .core import active_adapters, adapters, apply, attach, detach, set_active, unwrap_model
 from .layers import SavedModule
 from .methods.lora import Lora, LoraConfig, LoraLayer
+from .methods.lora_torch import LoraMultiheadAttention
 from .registry import spec_for_config
 
 
@@ -107,6 +108,15 @@ def _lora_sources(model: nn.Module, weights: Mapping[str, float]) -> list[tuple[
                 f"combine_lora: {name!r} trains {saved} in full (modules_to_save, or the task head "
                 "by train_head), which are not low-rank; combine adapters applied with "
                 "train_head=False and without modules_to_save"
+            )
+        attention = [
+            layer.path for layer in method.layers if isinstance(layer, LoraMultiheadAttention)
+        ]
+        if attention:
+            raise ValueError(
+                f"combine_lora: {name!r} adapts nn.MultiheadAttention {attention}, whose two "
+                "updates (in- and out-projection) it does not combine; apply that adapter with "
+                "those modules in exclude to combine it"
             )
         if isinstance(weight, bool) or not isinstance(weight, (int, float)):
             raise ValueError(f"weight of {name!r} must be a number, got {weight!r}")

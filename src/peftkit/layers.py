@@ -68,6 +68,11 @@ def cast_like(t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 _MERGE_ORDER = itertools.count(1)
 
 
+def next_merge_order() -> int:
+    """The next position in the merge order, for a layer that records its own merge."""
+    return next(_MERGE_ORDER)
+
+
 @dataclass(frozen=True)
 class MergeRecord:
     """What one layer's merge changed: its place in the merge order, and the weight and bias as
@@ -223,7 +228,9 @@ class AdapterLayer(nn.Module):
         while isinstance(inner, AdapterLayer):
             below.append(inner)
             inner = inner.base
-        return MergeContext(facts=facts, below=tuple(below), bottom=inner)
+        return MergeContext(
+            facts=facts, below=tuple(below), bottom=inner, folded=tuple(self.folded_tensors())
+        )
 
     def merge_blocker(self, ctx: MergeContext) -> str | None:
         """Why this layer cannot be folded into its base weight now, or None when it can.
@@ -258,6 +265,20 @@ class AdapterLayer(nn.Module):
         if not self.additive and not self.merged:
             return f"sits outside a non-linear {type(self).__name__}; merging would change outputs"
         return None
+
+    def folded_tensors(self) -> list[torch.Tensor]:
+        """The original module's tensors a merge of this layer writes: its ``weight``, if any."""
+        weight = getattr(self.base_layer(), "weight", None)
+        return [weight] if isinstance(weight, torch.Tensor) else []
+
+    def merged_state(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The original module's state-dict entry ``name`` with this layer folded in (computed, the
+        module is not touched): ``merged_weight`` for "weight", ``merged_bias`` for "bias", and the
+        tensor itself for an entry the layer does not change. A layer that folds into other
+        entries (nn.MultiheadAttention's ``in_proj_weight``) overrides it."""
+        if name == "weight":
+            return self.merged_weight(tensor)
+        return self.merged_bias(tensor) if name == "bias" else tensor
 
     def merge(self) -> None:
         """Fold this layer into the base weight (and bias) and record exactly what changed, so

@@ -45,27 +45,22 @@ class PlainModelError(ValueError):
 @dataclass(frozen=True)
 class _Stack:
     """One wrapper stack: keys under ``raw`` belong to it; those under ``source`` are kept, renamed
-    to ``path``; the updates of ``folded`` are added to ``<path>.weight``."""
+    to ``path``; the updates of ``folded`` are added to the entries they change (``<path>.weight``)."""
 
     raw: str
     source: str
     path: str
     folded: tuple[AdapterLayer, ...]
 
-    def fold(self, weight: torch.Tensor) -> torch.Tensor:
-        """``weight`` with every update folded in, innermost first, on the CPU: one update at a
-        time on the model's device, so saving a large model does not hold all of them there."""
+    def fold(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The entry ``name`` (local to the original module) with every update folded in,
+        innermost first; a changed tensor comes back on the CPU: one update at a time on the
+        model's device, so saving a large model does not hold all of them there."""
         with torch.no_grad():
+            folded = tensor
             for layer in reversed(self.folded):
-                weight = layer.merged_weight(weight)
-            return weight.cpu()
-
-    def fold_bias(self, bias: torch.Tensor) -> torch.Tensor:
-        """``bias`` as the folded layers leave it (most leave it unchanged)."""
-        with torch.no_grad():
-            for layer in reversed(self.folded):
-                bias = layer.merged_bias(bias)
-            return bias
+                folded = layer.merged_state(name, folded)
+            return tensor if folded is tensor else folded.cpu()
 
 
 def plain_state_dict(
@@ -194,10 +189,8 @@ def _rename(
         if name is None:
             continue
         stack = _owner(key, stacks)
-        if stack is not None and stack.folded and name == stack.path + "weight":
-            tensor = stack.fold(tensor)
-        elif stack is not None and stack.folded and name == stack.path + "bias":
-            tensor = stack.fold_bias(tensor)
+        if stack is not None and stack.folded:
+            tensor = stack.fold(name[len(stack.path) :], tensor)
         out[name] = tensor
     return out
 

@@ -193,7 +193,8 @@ def select(
     chosen = _keep_layers(chosen, config)
     if not chosen:
         raise TargetError(f"{method}: the config selects no module ({_describe(config)})")
-    check_called(model, chosen, method)
+    whole = supported is not None and nn.MultiheadAttention in supported
+    check_called(model, chosen, method, attention_whole=whole)
     if supported is not None:
         _check_types(chosen, supported, method)
     return chosen
@@ -225,8 +226,17 @@ def _bypasses_children(module: nn.Module) -> str | None:
     return None
 
 
-def check_called(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: str) -> None:
-    """Refuse modules the model never calls: a wrapper there would be skipped without a word."""
+def check_called(
+    model: nn.Module,
+    chosen: list[tuple[str, nn.Module]],
+    method: str,
+    *,
+    attention_whole: bool = False,
+) -> None:
+    """Refuse modules the model never calls: a wrapper there would be skipped without a word.
+
+    ``attention_whole``: the method wraps nn.MultiheadAttention whole with a layer that keeps a
+    parent nn.TransformerEncoderLayer off its fast path (LoRA), so ``self_attn`` may be chosen."""
     for name, aliases in skipped_aliases(list(iter_modules(model)), [n for n, _ in chosen]):
         leaf = aliases[0].rsplit(".", 1)[-1]
         raise TargetError(
@@ -234,16 +244,26 @@ def check_called(model: nn.Module, chosen: list[tuple[str, nn.Module]], method: 
             f"{', '.join(aliases)} hold the same weight and run in its place, so an adapter "
             f"there would be skipped. Target the modules that run instead, e.g. targets=[{leaf!r}]"
         )
-    for name, _ in chosen:
+    for name, module in chosen:
         parts = name.split(".")
         for depth in range(len(parts) - 1, -1, -1):
-            owner = ".".join(parts[:depth])
-            why = _bypasses_children(_unwrap(get_module(model, owner)))
-            if why:
-                raise TargetError(
-                    f"{method} cannot adapt {name!r}: {why}, so an adapter there would be skipped; "
-                    "add it to exclude or target other modules"
-                )
+            owner = _unwrap(get_module(model, ".".join(parts[:depth])))
+            why = _bypasses_children(owner)
+            if not why or (attention_whole and _attention_of(owner, module)):
+                continue
+            hint = "add it to exclude or target other modules"
+            if attention_whole and isinstance(owner, nn.MultiheadAttention):
+                owner_name = ".".join(parts[:depth])
+                hint = f"add it to exclude, and target the attention module {owner_name!r} itself"
+            raise TargetError(
+                f"{method} cannot adapt {name!r}: {why}, so an adapter there would be skipped; "
+                f"{hint}"
+            )
+
+
+def _attention_of(owner: nn.Module, module: nn.Module) -> bool:
+    """Whether ``module`` is the self-attention of the encoder layer ``owner``."""
+    return isinstance(owner, nn.TransformerEncoderLayer) and owner.self_attn is module
 
 
 def _check_not_saved_too(chosen: list[tuple[str, nn.Module]], config: TargetedConfig) -> None:

@@ -12,6 +12,7 @@ from torch import nn
 import peftkit
 from peftkit import LoraConfig, apply_lora
 from peftkit.methods.lora import LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from peftkit.methods.lora_torch import LoraConv1d
 
 from helpers import OutputShapes, perturb
 from zoo import CASES, TinyTransformer
@@ -28,6 +29,10 @@ LAYERS: dict[str, tuple[Any, Any]] = {
     "conv1d": (lambda: _conv1d(12, 7), lambda: torch.randn(3, 5, 12)),
     "embedding": (lambda: nn.Embedding(30, 9), lambda: torch.randint(30, (3, 5))),
     "conv2d": (lambda: nn.Conv2d(4, 6, 3, stride=2, padding=1), lambda: torch.randn(2, 4, 9, 9)),
+    "torch_conv1d": (
+        lambda: nn.Conv1d(4, 6, 3, stride=2, padding=2, dilation=2),
+        lambda: torch.randn(2, 4, 13),
+    ),
 }
 
 
@@ -70,7 +75,7 @@ def test_delta_weight_matches_the_definition(kind: str) -> None:
     perturb(model)
     layer = model.inner
     assert isinstance(layer, LoraLayer)
-    ba = layer.lora_B.flatten(1) @ layer.lora_A.flatten(1)  # (out, in * kh * kw) or (dim, vocab)
+    ba = layer.lora_B.flatten(1) @ layer.lora_A.flatten(1)  # (out, in * kernel) or (dim, vocab)
     delta = layer.delta_weight()
     assert delta.shape == layer.base_layer().weight.shape
     if kind == "linear":
@@ -92,6 +97,7 @@ def test_layer_types_are_chosen_from_the_base_type() -> None:
         "conv1d": LoraLinear,
         "embedding": LoraEmbedding,
         "conv2d": LoraConv2d,
+        "torch_conv1d": LoraConv1d,
     }
 
 

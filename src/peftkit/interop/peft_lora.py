@@ -19,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _compat
 from ..layers import AdapterLayer, SavedModule
 from ..methods.base import Method
 from ..methods.lora import LoraConfig, LoraConv2d, LoraEmbedding, LoraLayer, LoraLinear
+from ..methods.lora_torch import LoraConv1d, LoraMultiheadAttention
 from ..targeting import is_conv1d, is_linear, iter_modules
 from .peft import (
     Converted,
@@ -44,6 +46,10 @@ _FACTORS = {
     "lora_embedding_A": "lora_A",
     "lora_embedding_B": "lora_B",
 }
+# peft keeps an nn.MultiheadAttention's out-projection factors on a LoRA layer it puts at
+# ``<attention>.base_layer.out_proj`` (the in-projection's stand on the attention module itself).
+OUT_PROJ = "base_layer.out_proj"
+_EXPORTABLE = (LoraLinear, LoraEmbedding, LoraConv2d, LoraConv1d, LoraMultiheadAttention)
 # peft options that change what the adapter computes and that peftkit cannot represent.
 REFUSED = {
     "use_dora": "DoRA (use_dora=True)",
@@ -166,6 +172,10 @@ def _export_tensors(lora: list[LoraLayer], saved: list[SavedModule]) -> dict[str
         a, b = ("lora_embedding_A", "lora_embedding_B") if embedding else _LINEAR_KEYS
         tensors[f"{PREFIX}{layer.path}.{a}"] = layer.lora_A
         tensors[f"{PREFIX}{layer.path}.{b}"] = layer.lora_B
+        if isinstance(layer, LoraMultiheadAttention):  # peft adds this update n times
+            count = _compat.peft_attention_out_count()
+            tensors[f"{PREFIX}{layer.path}.{OUT_PROJ}.{a}"] = layer.lora_out_A
+            tensors[f"{PREFIX}{layer.path}.{OUT_PROJ}.{b}"] = layer.lora_out_B.detach() / count
     for module in saved:
         for name, tensor in module.trained.state_dict().items():
             tensors[f"{PREFIX}{module.path}.{name}"] = tensor
@@ -248,7 +258,7 @@ def check_targets_not_excluded(paths: list[str], to_save: list[str]) -> None:
 
 def _check_exportable(layer: LoraLayer, config: LoraConfig) -> None:
     base = layer.base_layer()
-    if not isinstance(layer, LoraLinear | LoraEmbedding | LoraConv2d):
+    if not isinstance(layer, _EXPORTABLE):
         raise InteropError(f"{layer.path}: {type(layer).__name__} has no peft equivalent")
     _check_base(layer.path, base)
     if layer.scaling != config.scaling_for(layer.path) or layer.r != config.rank_for(layer.path):
@@ -259,10 +269,10 @@ def _check_exportable(layer: LoraLayer, config: LoraConfig) -> None:
 
 
 def _check_base(path: str, base: nn.Module) -> None:
-    if isinstance(base, nn.Conv2d) and tuple(base.dilation) != (1, 1):
+    if isinstance(base, nn.Conv1d | nn.Conv2d) and any(d != 1 for d in base.dilation):
         raise InteropError(
-            f"{path}: Conv2d with dilation={tuple(base.dilation)}; peft's LoRA convolution has no "
-            "dilation, so the two would compute different outputs"
+            f"{path}: {type(base).__name__} with dilation={tuple(base.dilation)}; peft's LoRA "
+            "convolution has no dilation, so the two would compute different outputs"
         )
     if isinstance(base, nn.Embedding) and type(base).forward is not nn.Embedding.forward:
         raise InteropError(
@@ -278,11 +288,17 @@ class _Factors:
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
     embedding: bool = False
+    out: _Factors | None = None  # an nn.MultiheadAttention's out-projection factors
 
     def tensors(self, path: str) -> dict[str, torch.Tensor]:
         if self.lora_A is None or self.lora_B is None:
             raise InteropError(f"{path}: the adapter has only one of lora_A and lora_B")
-        return {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        own = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.out is not None:
+            out = self.out.tensors(f"{path}.{OUT_PROJ}")
+            count = _compat.peft_attention_out_count()  # what peft computed with them
+            own.update({"lora_out_A": out["lora_A"], "lora_out_B": out["lora_B"] * count})
+        return own
 
     def rank(self, path: str) -> int:
         return int(self.tensors(path)["lora_A"].shape[0])
@@ -305,7 +321,22 @@ def _split_tensors(
         found = factors.setdefault(name[: -len(suffix) - 1], _Factors())
         found.embedding = suffix.startswith("lora_embedding")
         setattr(found, _FACTORS[suffix], tensor)
-    return factors, rest
+    return _attention_pairs(factors), rest
+
+
+def _attention_pairs(factors: dict[str, _Factors]) -> dict[str, _Factors]:
+    """Factors found under ``<attention>.base_layer.out_proj`` joined to ``<attention>``'s."""
+    out = {p: f for p, f in factors.items() if p.endswith("." + OUT_PROJ)}
+    kept = {p: f for p, f in factors.items() if p not in out}
+    for path, found in out.items():
+        owner = kept.get(path[: -len(OUT_PROJ) - 1])
+        if owner is None:
+            raise InteropError(
+                f"{path}: the adapter has out-projection factors but none for the attention "
+                "module's in-projection; peft always stores both"
+            )
+        owner.out = found
+    return kept
 
 
 def _check_importable(path: str, found: _Factors, modules: dict[str, nn.Module]) -> None:
@@ -315,14 +346,36 @@ def _check_importable(path: str, found: _Factors, modules: dict[str, nn.Module])
             "import it into the model it was trained on"
         )
     base = unwrap_layer(modules[path])
-    linear_like = is_linear(base) or isinstance(base, nn.Conv2d)
+    _check_attention(path, found, base)
+    linear_like = is_linear(base) or isinstance(base, _TORCH_LAYERS)
     if not (isinstance(base, nn.Embedding) if found.embedding else linear_like):
         kind = "embedding factors" if found.embedding else "lora_A/lora_B weights"
         raise InteropError(
             f"{path} is a {type(base).__name__} but the adapter stores {kind} for it; peftkit's "
-            "LoRA imports Linear, GPT-2 Conv1D and Conv2d (lora_A/lora_B) and Embedding layers"
+            "LoRA imports Linear, GPT-2 Conv1D, Conv1d, Conv2d and MultiheadAttention "
+            "(lora_A/lora_B) and Embedding layers"
         )
     _check_base(path, base)
+
+
+_TORCH_LAYERS = (nn.Conv1d, nn.Conv2d, nn.MultiheadAttention)
+
+
+def _check_attention(path: str, found: _Factors, base: nn.Module) -> None:
+    """An nn.MultiheadAttention has factors for both projections, of one rank; no other module has
+    out-projection factors."""
+    attention = isinstance(base, nn.MultiheadAttention)
+    if attention != (found.out is not None):
+        what = "lacks" if attention else "has"
+        raise InteropError(
+            f"{path} is a {type(base).__name__} but the adapter {what} factors under "
+            f"{path}.{OUT_PROJ}; import it into the model it was trained on"
+        )
+    if found.out is not None and found.out.rank(path) != found.rank(path):
+        raise InteropError(
+            f"{path}: the out-projection factors have rank {found.out.rank(path)} but the "
+            f"in-projection's have rank {found.rank(path)}; peftkit gives both one rank"
+        )
 
 
 def unwrap_layer(module: nn.Module) -> nn.Module:

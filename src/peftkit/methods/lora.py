@@ -3,7 +3,8 @@
 W' = W + s * B A, with A: (r, in), B: (out, r) and s = alpha / r (or alpha / sqrt(r) for rsLoRA,
 Kalajdzievski 2023). B starts at zero so the model is unchanged at injection. Supported bases:
 nn.Linear, transformers' Conv1D (weight stored transposed), quantized linear layers
-(``peftkit.quant``: bitsandbytes, torchao, optimum-quanto, hqq), nn.Embedding and nn.Conv2d.
+(``peftkit.quant``: bitsandbytes, torchao, optimum-quanto, hqq), nn.Embedding and nn.Conv2d;
+nn.Conv1d and nn.MultiheadAttention (in ``lora_torch``).
 """
 
 from __future__ import annotations
@@ -269,9 +270,9 @@ def _add_scaled(y: torch.Tensor, h: torch.Tensor, layer: LoraLayer, private: boo
 
 @register_method("lora", LoraConfig)
 class Lora(SwapMethod):
-    """Low-rank updates on linear, Conv1D, embedding and 2-D convolution layers."""
+    """Low-rank updates on linear, Conv1D, embedding, convolution and multi-head attention layers."""
 
-    supported = (nn.Linear, nn.Embedding, nn.Conv2d)
+    supported = (nn.Linear, nn.Embedding, nn.Conv2d, nn.Conv1d, nn.MultiheadAttention)
     config: LoraConfig
 
     def check_selection(self, paths: list[str]) -> None:
@@ -282,12 +283,7 @@ class Lora(SwapMethod):
     def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
         cfg = self.config
         inner = module.base_layer() if isinstance(module, AdapterLayer) else module
-        kind: type[LoraLayer] = LoraLinear
-        if isinstance(inner, nn.Embedding):
-            kind = LoraEmbedding
-        elif isinstance(inner, nn.Conv2d):
-            kind = LoraConv2d
-        return kind(
+        return layer_kind(inner)(
             module,
             self.adapter_name,
             path,
@@ -301,6 +297,19 @@ class Lora(SwapMethod):
     def describe(self) -> dict[str, object]:
         ranks = {layer.r for layer in self.layers if isinstance(layer, LoraLayer)}
         return {"rank": sorted(ranks)[0] if len(ranks) == 1 else sorted(ranks)}
+
+
+def layer_kind(inner: nn.Module) -> type[LoraLayer]:
+    """The LoRA layer class for the original module ``inner`` (LoraLinear unless listed)."""
+    from .lora_torch import LoraConv1d, LoraMultiheadAttention  # they import this module
+
+    kinds: dict[type[nn.Module], type[LoraLayer]] = {
+        nn.Embedding: LoraEmbedding,
+        nn.Conv2d: LoraConv2d,
+        nn.Conv1d: LoraConv1d,
+        nn.MultiheadAttention: LoraMultiheadAttention,
+    }
+    return next((kind for t, kind in kinds.items() if isinstance(inner, t)), LoraLinear)
 
 
 def apply_lora(
