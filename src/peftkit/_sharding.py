@@ -143,13 +143,14 @@ _SAMPLES = 256  # elements read per tensor: any two different random initialisat
 
 
 def fingerprint(tensor: torch.Tensor) -> torch.Tensor | None:
-    """A 0-d float64 checksum of up to 256 evenly spaced elements, weighted by position (no host
+    """A 0-d float64 (MPS: float32) checksum of up to 256 evenly spaced elements, weighted by position (no host
     sync); None for a tensor without values here (a shard, meta, or ZeRO-3's empty partition)."""
     if is_dtensor(tensor) or tensor.is_meta or tensor.numel() == 0:
         return None
+    wide = torch.float32 if tensor.device.type == "mps" else torch.float64  # MPS has no float64
     flat = tensor.detach().reshape(-1)
-    sample = flat[:: max(1, flat.numel() // _SAMPLES)].to(torch.float64)
-    weights = torch.arange(1, sample.numel() + 1, dtype=torch.float64, device=sample.device)
+    sample = flat[:: max(1, flat.numel() // _SAMPLES)].to(wide)
+    weights = torch.arange(1, sample.numel() + 1, dtype=wide, device=sample.device)
     return (sample * weights).sum()
 
 
