@@ -143,8 +143,9 @@ _SAMPLES = 256  # elements read per tensor: any two different random initialisat
 
 
 def fingerprint(tensor: torch.Tensor) -> torch.Tensor | None:
-    """A 0-d float64 (MPS: float32) checksum of up to 256 evenly spaced elements, weighted by position (no host
-    sync); None for a tensor without values here (a shard, meta, or ZeRO-3's empty partition)."""
+    """A 0-d float64 (MPS: float32) checksum of up to 256 evenly spaced elements, weighted by
+    position (no host sync); None for a tensor without values here (a shard, meta, or ZeRO-3's
+    empty partition)."""
     if is_dtensor(tensor) or tensor.is_meta or tensor.numel() == 0:
         return None
     wide = torch.float32 if tensor.device.type == "mps" else torch.float64  # MPS has no float64
