@@ -127,7 +127,8 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
         raise
     state.methods[adapter_name] = method
     method.set_active(True)
-    _sharding.record_values(method, method.state_dict(unwrap_model(model)))  # see fsdp.check_same
+    # for training/fsdp.check_same_adapters: the values this process created, before any sharding
+    _sharding.record_values(method, method.state_dict(unwrap_model(model)))
     return model
 
 

@@ -90,7 +90,7 @@ def check_same_adapters(model: nn.Module, where: Dist) -> None:
         for key, value in sorted(_sharding.recorded_values(method).items())
     }
     every = distributed.gather(mine, where)
-    differ = [k for k in mine if len({r.get(k) for r in every}) > 1]
+    differ = [k for k in mine if len({repr(r[k]) for r in every if k in r}) > 1]  # repr: NaN
     if not differ:
         return
     raise ValueError(
