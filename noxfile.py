@@ -1,5 +1,5 @@
-"""Developer sessions: `nox -s tests lint typecheck` (and `slow`, `oldest`, `latest`, `sdist`, `bench`,
-`docs`)."""
+"""Developer sessions: `nox -s tests lint typecheck` (and `slow`, `distributed`, `oldest`, `latest`,
+`sdist`, `bench`, `docs`)."""
 
 from __future__ import annotations
 
@@ -31,6 +31,26 @@ def slow(session: nox.Session) -> None:
     session.install(TORCH)
     session.install("-e", ".[test]")
     session.run("pytest", "-m", "slow", *session.posargs)
+
+
+# The tests that start several processes (DDP, FSDP2, DeepSpeed ZeRO-3), slow ones included.
+DISTRIBUTED_TESTS = [
+    "tests/test_trainer_distributed.py",
+    "tests/test_trainer_fsdp2.py",
+    "tests/test_fsdp2_kill_resume.py",
+    "tests/test_zero3_shapes.py",
+    "tests/test_deepspeed_zero3.py",
+    "tests/test_examples.py",
+]
+
+
+@nox.session
+def distributed(session: nox.Session) -> None:
+    """The multi-process tests on CPU (gloo), with DeepSpeed installed (its CPU accelerator)."""
+    session.install(TORCH)
+    session.install("-e", ".[test,deepspeed]")
+    session.env["DS_ACCELERATOR"] = "cpu"
+    session.run("pytest", "-m", "slow or not slow", *DISTRIBUTED_TESTS, *session.posargs)
 
 
 # The packages whose lowest declared version `oldest` installs: the runtime dependencies, and the

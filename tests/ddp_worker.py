@@ -2,6 +2,8 @@
 
 ``run``: the Trainer (DDP) trains a LoRA'd TinyTransformer on a causal-LM task and writes this
 process's adapter tensors and history to ``<out>/rank<r>.safetensors`` / ``history<r>.json``.
+Under torchrun each process initialises its adapter with its own seed: DDP broadcasts rank 0's at
+wrap, so the ranks still train one adapter (the one a single process with seed 0 trains).
 ``fsdp2_loop``: the hand-written FSDP2 loop of docs/trainer.md on the same model; writes the
 gathered adapter tensors to ``<out>/fsdp2_rank<r>.safetensors``.
 """
@@ -9,6 +11,7 @@ gathered adapter tensors to ``<out>/fsdp2_rank<r>.safetensors``.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -24,8 +27,8 @@ from trainer_data import lm_data, lora_transformer
 STEPS = 4
 
 
-def run(out: Path, batch_size: int, grad_accum: int = 1) -> Trainer:
-    model = lora_transformer()
+def run(out: Path, batch_size: int, grad_accum: int = 1, seed: int = 0) -> Trainer:
+    model = lora_transformer(seed)
     config = TrainConfig(
         batch_size=batch_size,
         grad_accum=grad_accum,
@@ -84,6 +87,8 @@ def fsdp2_loop(out: Path) -> None:
 
 if __name__ == "__main__":
     torch.set_num_threads(1)
-    run(Path(sys.argv[1]), batch_size=int(sys.argv[2]), grad_accum=int(sys.argv[3]))
+    # each process initialises its adapter with its own seed: DDP broadcasts rank 0's (seed 0)
+    rank = int(os.environ["RANK"])
+    run(Path(sys.argv[1]), batch_size=int(sys.argv[2]), grad_accum=int(sys.argv[3]), seed=rank)
     if FSDP2_ON_CPU:
         fsdp2_loop(Path(sys.argv[1]))  # reuses the process group the Trainer started

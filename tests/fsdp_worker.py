@@ -7,7 +7,9 @@ block, then the root), with gradient accumulation and active clipping; every pro
 on a probe batch. The torchrun job trains once through, then resumes from the middle checkpoint of
 that run in a fresh sharded model and trains to the end again. It trains with
 ``distributed="fsdp2"`` (the Trainer shards) from a different initialisation on each process. Last,
-an eval set that does not split evenly over the processes is refused.
+an eval set that does not split evenly over the processes is refused, and so is a model the
+caller sharded after initialising its adapter with a different seed on each process (unless one
+saved adapter is loaded on every process first).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
 import peftkit
@@ -69,11 +72,13 @@ def train(
     grad_accum: int,
     resume_from: Path | None = None,
     seed: int = 0,
+    model: nn.Module | None = None,
     **fields: Any,
 ) -> Trainer:
-    model = lora_transformer(seed)
-    if sharded:
-        shard(model)
+    if model is None:
+        model = lora_transformer(seed)
+        if sharded:
+            shard(model)
     trainer = Trainer(model, config(out / "run", batch_size, grad_accum, **fields))
     trainer.fit(lm_data(40), eval_data=lm_data(8, seed=3), resume_from=resume_from)
     peftkit.save_adapter(model, out / "adapter")  # every process: shards are gathered
@@ -84,6 +89,20 @@ def train(
         (out / "history.json").write_text(json.dumps(record))
         torch.save(logits, out / "logits.pt")
     return trainer
+
+
+def mixed_inits(root: Path, rank: int) -> None:
+    """The user shards adapters each process initialised with its own seed: refused on every
+    process before a step. Loading one saved adapter on every process before sharding fixes it."""
+    model = shard(lora_transformer(seed=rank))
+    try:
+        Trainer(model, config(root / "mixed", batch_size=2, grad_accum=1)).fit(lm_data(8))
+    except ValueError as err:
+        (root / f"mixed_inits{rank}.txt").write_text(str(err))
+    model = lora_transformer(seed=rank)
+    saved = load_file(str(root / "full" / "adapter" / "peftkit_model.safetensors"))
+    peftkit.load_adapter_state_dict(model, saved)
+    train(root / "loaded", sharded=True, batch_size=2, grad_accum=2, model=shard(model))
 
 
 if __name__ == "__main__":
@@ -100,3 +119,4 @@ if __name__ == "__main__":
     except ValueError as err:  # raised on every process, before any forward
         if trainer.dist.main:
             (root / "uneven_eval.txt").write_text(str(err))
+    mixed_inits(root, rank)

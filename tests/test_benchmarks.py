@@ -229,9 +229,12 @@ def test_mfu_counts_four_flops_per_frozen_parameter_and_six_per_trained() -> Non
     assert [r["mfu"] for r in rows] == [400.0, 4 * 90 + 6 * 10, 600.0]
 
 
-@pytest.mark.slow  # launches torchrun twice (one and two processes): ~50 s
-def test_fsdp_memory_halves_each_rank_share_with_two_processes() -> None:
-    out = run("fsdp_memory.py", "--smoke")
+@pytest.mark.slow  # launches torchrun twice (one and two processes): ~50 s each engine
+@pytest.mark.parametrize("engine", ["fsdp2", "deepspeed"])
+def test_fsdp_memory_halves_each_rank_share_with_two_processes(engine: str) -> None:
+    if engine == "deepspeed" and find_spec("deepspeed") is None:
+        pytest.skip('DeepSpeed is not installed (pip install "peftkit[deepspeed]")')
+    out = run("fsdp_memory.py", "--smoke", "--engine", engine, timeout=400)
     rows = json.loads(out.split("JSON ", 1)[1])
     one, two = rows["1"], rows["2"]
     for kind in ("base", "adapter", "optimizer"):

@@ -183,6 +183,17 @@ def test_two_processes_match_one_and_resume_bit_identically(
     uneven = (tmp_path / "uneven_eval.txt").read_text()
     assert "under FSDP2 every process must evaluate as many batches" in uneven
     assert "[2, 1] batches per process" in uneven
+    # sharded by the caller after seeding each process differently: refused on every process
+    for rank in (0, 1):
+        refused = (tmp_path / f"mixed_inits{rank}.txt").read_text()
+        assert refused.startswith(
+            "the 2 processes hold different values of 4 adapter tensor(s) (default.layers.0.q_proj.lora_A, "
+        )
+        assert "Seed every process the same before apply_*" in refused
+        assert "or let the Trainer shard: TrainConfig(distributed='fsdp2')" in refused
+    assert not (tmp_path / "mixed" / "checkpoint-4").exists()
+    # the fix named there, one saved adapter loaded before sharding: trains as the first run did
+    assert (tmp_path / "loaded" / "run" / "checkpoint-4").is_dir()
 
 
 # -- distributed="fsdp2": the Trainer shards -------------------------------------------------------

@@ -51,3 +51,16 @@ def test_factors_are_sized_from_ds_shape(build: object, apply: object) -> None:
     _partition_like_zero3(partitioned)
     apply(partitioned)  # type: ignore[operator]
     assert _shapes(partitioned) == _shapes(plain)
+
+
+def test_the_trainer_refuses_a_zero3_partitioned_model() -> None:
+    model = TinyTransformer()
+    _partition_like_zero3(model)
+    peftkit.apply_lora(model, r=4, targets=["q_proj"])
+    config = peftkit.TrainConfig(max_steps=1, progress=False)
+    with pytest.raises(
+        ValueError,
+        match=r"partitioned by DeepSpeed ZeRO-3 \(deepspeed.zero.Init\), and the Trainer does not "
+        r"drive DeepSpeed: train it with deepspeed.initialize",
+    ):
+        peftkit.Trainer(model, config).fit([torch.randint(0, 50, (2, 8))])

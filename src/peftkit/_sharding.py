@@ -10,6 +10,7 @@ with a torch that lacks DTensor or FSDP2 nothing is sharded.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -128,3 +129,41 @@ def shard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             for key, value in per_param.items():
                 if isinstance(value, torch.Tensor) and value.shape == param.shape:
                     per_param[key] = like(param, value)
+
+
+# -- do the processes hold the same adapter? ------------------------------------------------------
+# FSDP2 shards without communicating: each process keeps its slice of its own values, so processes
+# that initialised an adapter differently train a patchwork of their inits, silently. Once sharded,
+# no process sees another's values any more; what can still be compared is a fingerprint of the
+# values each process had before it sharded, taken when the adapter was created or loaded.
+_FINGERPRINTS: weakref.WeakKeyDictionary[object, dict[str, torch.Tensor]] = (
+    weakref.WeakKeyDictionary()
+)
+_SAMPLES = 256  # elements read per tensor: any two different random initialisations differ there
+
+
+def fingerprint(tensor: torch.Tensor) -> torch.Tensor | None:
+    """A 0-d float64 (MPS: float32) checksum of up to 256 evenly spaced elements, weighted by
+    position (no host sync); None for a tensor without values here (a shard, meta, or ZeRO-3's
+    empty partition)."""
+    if is_dtensor(tensor) or tensor.is_meta or tensor.numel() == 0:
+        return None
+    wide = torch.float32 if tensor.device.type == "mps" else torch.float64  # MPS has no float64
+    flat = tensor.detach().reshape(-1)
+    sample = flat[:: max(1, flat.numel() // _SAMPLES)].to(wide)
+    weights = torch.arange(1, sample.numel() + 1, dtype=wide, device=sample.device)
+    return (sample * weights).sum()
+
+
+def record_values(owner: object, tensors: Mapping[str, torch.Tensor]) -> None:
+    """Remember the fingerprints of ``tensors`` (full values) for ``owner`` (an adapter method)."""
+    book = _FINGERPRINTS.setdefault(owner, {})
+    for key, tensor in tensors.items():
+        found = fingerprint(tensor)
+        if found is not None:
+            book[key] = found
+
+
+def recorded_values(owner: object) -> dict[str, torch.Tensor]:
+    """The fingerprints ``record_values`` took for ``owner``, by key."""
+    return dict(_FINGERPRINTS.get(owner, {}))

@@ -102,6 +102,8 @@ def attach(model: nn.Module, method: Method) -> nn.Module:
         raise
     state.methods[adapter_name] = method
     method.set_active(True)
+    # for training/fsdp.check_same_adapters: the values this process created, before any sharding
+    _sharding.record_values(method, method.state_dict(unwrap_model(model)))
     return model
 
 
@@ -380,11 +382,13 @@ def load_adapter_state_dict(
     own = adapter_state_dict(model, chosen)
     check_tensors_fit({k: tuple(t.shape) for k, t in own.items()}, tensors)
     inner = unwrap_model(model)
-    tensors = {k: _sharding.like(own[k], v) for k, v in tensors.items()}  # FSDP2: keep our shard
+    shards = {k: _sharding.like(own[k], v) for k, v in tensors.items()}  # FSDP2: keep our shard
     for name in chosen:
         prefix = name + "."
-        mine = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        mine = {k[len(prefix) :]: v for k, v in shards.items() if k.startswith(prefix)}
         _method(model, name).load_state_dict(inner, mine)
+        given = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+        _sharding.record_values(_method(model, name), given)  # the full values, as loaded
 
 
 def trainable_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -90,6 +90,13 @@ def wrap(model: nn.Module, device: torch.device, where: Dist, find_unused: bool)
     """
     if _sharding.is_fsdp2(model):
         return model
+    if any(hasattr(p, "ds_shape") for p in model.parameters()):
+        raise ValueError(
+            "the model's weights are partitioned by DeepSpeed ZeRO-3 (deepspeed.zero.Init), and "
+            "the Trainer does not drive DeepSpeed: train it with deepspeed.initialize (or "
+            "accelerate) in your own loop, with peftkit.trainable_parameters(model) as the "
+            "parameters (examples/deepspeed_zero3.py), or give the Trainer an unpartitioned model"
+        )
     if _sharding.any_sharded(model.parameters()):
         raise ValueError(
             "the model holds DTensor parameters but no FSDP2 module (tensor parallel?); the "

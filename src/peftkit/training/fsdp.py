@@ -18,7 +18,10 @@ import torch.distributed as dist
 from torch import nn
 
 from .. import _compat, _sharding
+from ..core import adapters
+from . import distributed
 from .config import TrainConfig
+from .distributed import Dist
 
 
 def shard(model: nn.Module, config: TrainConfig) -> None:
@@ -76,3 +79,25 @@ def _options(config: TrainConfig) -> dict[str, Any]:
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     return {"mp_policy": policy}
+
+
+def check_same_adapters(model: nn.Module, where: Dist) -> None:
+    """Refuse to train a model the user sharded when the processes created or loaded different
+    adapter values before sharding (compared by fingerprint, with one all-gather)."""
+    mine = {
+        f"{name}.{key}": float(value)
+        for name, method in adapters(model).items()
+        for key, value in sorted(_sharding.recorded_values(method).items())
+    }
+    every = distributed.gather(mine, where)
+    differ = [k for k in mine if len({repr(r[k]) for r in every if k in r}) > 1]  # repr: NaN
+    if not differ:
+        return
+    raise ValueError(
+        f"the {where.world} processes hold different values of {len(differ)} adapter tensor(s) "
+        f"({', '.join(differ[:3])}{', ...' if len(differ) > 3 else ''}): they applied the adapter "
+        "with different random seeds (or loaded different files) before fully_shard, and FSDP2 "
+        "keeps each process's shard of its own values. Seed every process the same before apply_* "
+        "(torch.manual_seed(0)), load one saved adapter on every process before sharding, or let "
+        "the Trainer shard: TrainConfig(distributed='fsdp2') broadcasts rank 0's values first"
+    )

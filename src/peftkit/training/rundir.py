@@ -93,6 +93,7 @@ class RunDirectory:
     def read(self, path: Path, settings: dict[str, Any]) -> dict[str, Any]:
         """The training state in ``path``; ``settings`` must equal those it was saved with."""
         state = S.read_state(path)
+        _check_world(path, state.get("world"), settings.get("world"))
         changed = [f"{k} {state.get(k)} -> {v}" for k, v in settings.items() if state.get(k) != v]
         if changed:
             raise CheckpointError(
@@ -105,3 +106,17 @@ class RunDirectory:
         """Drop log records a killed run wrote after ``step``, the step it resumes from."""
         if self.log_path is not None and self.where.main:
             truncate_log(self.log_path, step)
+
+
+def _check_world(path: Path, saved: Any, now: Any) -> None:
+    """A checkpoint resumes on as many processes as wrote it: each process's share of the epoch
+    (its data position) and its RNG streams are laid out for that number."""
+    if saved is None or saved == now:
+        return
+    raise CheckpointError(
+        f"{path} was written by a run of {saved} process(es), this one has {now}: each process's "
+        "share of the data, its position in the epoch and its random number streams belong to "
+        f"{saved} processes, so the run cannot continue exactly. Resume it with "
+        f"torchrun --nproc_per_node={saved}, or start a new run that loads the adapter "
+        "(load_adapter reads the checkpoint in any number of processes)"
+    )

@@ -41,8 +41,10 @@ def prepare(model: nn.Module, config: TrainConfig, device: torch.device, where: 
         )
     model.train()
     parameters_to_train(model)  # a clear error before DDP's when nothing is trainable
-    if config.distributed == "fsdp2":
-        fsdp.shard(model, config)
+    if _sharding.is_fsdp2(model) and where.active:  # sharded by the user: from what values?
+        fsdp.check_same_adapters(model, where)
+    elif config.distributed == "fsdp2":
+        fsdp.shard(model, config)  # rank 0's values broadcast first
     wrapped = distributed.wrap(model, device, where, config.find_unused_parameters)
     ddp = wrapped if isinstance(wrapped, nn.parallel.DistributedDataParallel) else None
     if config.compile:
