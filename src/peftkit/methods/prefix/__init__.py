@@ -31,6 +31,7 @@ from .injection import (
     located,
     supported_range,
 )
+from .seq2seq import EncoderDecoderInjector, locate_seq2seq
 from .table import KVShape, PrefixTable
 
 __all__ = [
@@ -131,7 +132,22 @@ class Prefix(Method):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def inject(self, model: nn.Module) -> None:
-        body, shape, encoder = located(model)
+        seq2seq = _compat.encoder_decoder_parts(model) is not None
+        if seq2seq:
+            if self.config.init_token_ids is not None and not self.start_folded:
+                raise UnsupportedModelError(
+                    "init_token_ids computes one prefix from a forward of the tokens, which an "
+                    "encoder-decoder model's three attentions do not share; initialise the prefix "
+                    "randomly (init_token_ids=None)"
+                )
+            injector: PrefixInjector | EncoderDecoderInjector = EncoderDecoderInjector.install(
+                model
+            )
+            body = model
+            existing = [t for t in injector.tables.values() if isinstance(t, PrefixTable)]
+            shape = existing[0].shape if existing else locate_seq2seq(model)[1]
+        else:
+            body, shape, encoder = located(model)
         weight = next(body.parameters())
         mlp_hidden = None if self.start_folded else self.config.mlp_hidden
         table = PrefixTable(
@@ -146,7 +162,8 @@ class Prefix(Method):
         table.positions_after_prefix = self.config.positions_after_prefix
         if self.config.init_token_ids is not None and not self.start_folded:
             _init_from_tokens(body, table, self.config.init_token_ids)
-        injector = PrefixInjector.install(body, encoder)
+        if not seq2seq:
+            injector = PrefixInjector.install(body, encoder)
         injector.tables[self.adapter_name] = table
         self.table = table
         self.inject_saved_modules(model)

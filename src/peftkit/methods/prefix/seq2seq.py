@@ -1,0 +1,444 @@
+"""Prefix-tuning on transformers encoder-decoder models (T5, BART and their kin): found by capability.
+
+Every attention of the model gets its own prefix, one table row block each: the encoder's
+self-attention (rows ``0 … E−1``), the decoder's self-attention (``E … E+D−1``) and its
+cross-attention (``E+D … E+2D−1``), E and D the encoder's and decoder's layer counts.
+
+- Decoder (self and cross): a forward pre-hook on the decoder seeds an ``EncoderDecoderCache``
+  (a new one, or the empty one ``generate()`` passes on its first step) with ``update``: the
+  self-attention half with the decoder prefix, the cross-attention half with the cross prefix.
+  Its ``is_updated`` flags stay False, so on the first step every cross-attention still projects
+  the encoder's states and the cache appends them after the prefix; later steps reuse
+  ``[prefix; encoder]``. The decoder's and the encoder's padding masks get ones over the prefix.
+- Encoder (which takes no cache): a pre-hook on each encoder attention module passes it a
+  ``PrependingCache`` for that call, whose ``update`` returns ``[prefix; keys]``; a pre-hook on the
+  encoder extends its padding mask over the prefix.
+- Positions: T5's relative position bias counts the cached prefix as earlier tokens, so distances
+  between real tokens are unchanged. Learned positions (BART's ``embed_positions``) number tokens
+  from the cache length, which holds the prefix; a pre-hook on that embedding takes the prefix
+  off again (unless ``positions_after_prefix``), so real tokens keep the base model's positions.
+"""
+
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ... import _compat
+from ..._compat import UnsupportedModelError, check_transformers_version
+from ...layers import AdapterModule
+from .table import KVShape, PrefixTable
+
+ATTR = "peftkit_prefix"
+_MARK = "_peftkit_prefix"
+
+
+@dataclass
+class Seq2SeqPlaces:
+    """Where an encoder-decoder model takes its prefix."""
+
+    encoder: nn.Module
+    attentions: list[nn.Module]  # the encoder's self-attention modules, in layer order
+    decoder: nn.Module
+    positions: nn.Module | None  # the decoder's learned position embedding, if it has one
+    decoder_layers: int
+
+    @property
+    def encoder_layers(self) -> int:
+        return len(self.attentions)
+
+
+def locate_seq2seq(model: nn.Module) -> tuple[Seq2SeqPlaces, KVShape]:
+    """The places of an encoder-decoder model and its cache shape (one probe forward)."""
+    name = type(model).__name__
+    check_transformers_version(_compat.transformers_version(), "prefix-tuning")
+    parts = _compat.encoder_decoder_parts(model)
+    if parts is None:
+        raise UnsupportedModelError(f"prefix-tuning: {name} is not an encoder-decoder model")
+    encoder, decoder = parts
+    params = _params(decoder)
+    if (
+        not any(n in params for n in _compat.CACHE_ARGUMENTS)
+        or "encoder_hidden_states" not in params
+    ):
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its decoder {type(decoder).__name__} takes no KV "
+            "cache together with encoder_hidden_states"
+        )
+    if "encoder_attention_mask" not in params or "attention_mask" not in params:
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its decoder {type(decoder).__name__} takes no "
+            "encoder_attention_mask (Whisper's decoder masks by its own rules), so the masks cannot "
+            "be extended over a prefix. Use LoRA or adapters"
+        )
+    attentions = _cache_taking(encoder)
+    if not attentions:
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: no attention module of its encoder "
+            f"{type(encoder).__name__} takes a cache argument, so there is no place for a prefix"
+        )
+    places = Seq2SeqPlaces(encoder, attentions, decoder, _compat.learned_positions(decoder), 0)
+    return places, _probe(model, places)
+
+
+def _params(module: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _cache_taking(encoder: nn.Module) -> list[nn.Module]:
+    """The innermost modules inside ``encoder`` whose forward takes a cache argument."""
+    found = [
+        m
+        for m in encoder.modules()
+        if m is not encoder and any(n in _params(m) for n in _compat.CACHE_ARGUMENTS)
+    ]
+    return [m for m in found if not any(o is not m and o in set(m.modules()) for o in found)]
+
+
+def _probe(model: nn.Module, places: Seq2SeqPlaces) -> KVShape:
+    """Run one forward with recording caches: every encoder attention must call ``update`` once,
+    and the decoder must fill both halves of an ``EncoderDecoderCache``."""
+    name = type(model).__name__
+    inputs = _probe_inputs(model)
+    recorders = [_compat.PrependingCache(None, None) for _ in places.attentions]
+    handles = [
+        attn.register_forward_pre_hook(
+            _passing(rec, _compat.cache_argument(attn)), with_kwargs=True
+        )
+        for attn, rec in zip(places.attentions, recorders, strict=True)
+    ]
+    cache = _compat.new_encoder_decoder_cache(places.decoder.config)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**inputs, **{_compat.cache_argument(model): cache}, use_cache=True)
+    except (ValueError, TypeError, IndexError) as err:  # a RuntimeError (meta kernels) passes
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: one forward with an EncoderDecoderCache and a "
+            f"cache for each encoder attention failed ({type(err).__name__}: {err})"
+        ) from None
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if any(len(r.calls) != 1 for r in recorders):
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its encoder attention modules did not each put "
+            "their keys and values through the cache they were given"
+        )
+    own = _compat.cached_keys_values(cache.self_attention_cache)
+    cross = _compat.cached_keys_values(cache.cross_attention_cache)
+    if not own or len(own) != len(cross):
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its decoder filled {len(own)} self-attention and "
+            f"{len(cross)} cross-attention cache layers"
+        )
+    places.decoder_layers = len(own)
+    shapes = {(c[1], c[3]) for c in [r.calls[0] for r in recorders]}
+    shapes |= {(int(k.shape[1]), int(k.shape[3])) for k, _ in own + cross}
+    if len(shapes) != 1:
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its attention layers hold keys of different "
+            f"shapes (heads, head_dim) {sorted(shapes)}; a prefix table holds one shape"
+        )
+    heads, head_dim = shapes.pop()
+    width = getattr(model.config, "d_model", None) or getattr(model.config, "hidden_size", None)
+    layers = places.encoder_layers + 2 * places.decoder_layers
+    return KVShape(layers, heads, head_dim, int(width or heads * head_dim))
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    config = model.config
+    inputs: dict[str, Any] = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device)}
+    if "decoder_input_ids" not in inputs:
+        start = getattr(model.config, "decoder_start_token_id", None) or 0
+        inputs["decoder_input_ids"] = torch.full((1, 1), int(start), device=device)
+    return inputs
+
+
+def _passing(cache: Any, argument: str) -> Any:
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        for other in _compat.CACHE_ARGUMENTS:
+            kwargs.pop(other, None)
+        return args, {**kwargs, argument: cache}
+
+    return hook
+
+
+@dataclass
+class Seq2SeqMark:
+    """Stored on a cache that holds the decoder's prefix: which adapters' (name, length), in order."""
+
+    signature: tuple[tuple[str, int], ...]
+    fresh: bool
+
+    @property
+    def length(self) -> int:
+        return sum(n for _, n in self.signature)
+
+
+class EncoderDecoderInjector(AdapterModule):
+    """Holds every prefix adapter's table on an encoder-decoder model and feeds the active ones to
+    the encoder's self-attention, the decoder's self-attention and the cross-attention.
+
+    Lives on the decoder as ``peftkit_prefix``; several prefix adapters share it.
+    """
+
+    encoder = False  # as PrefixInjector.encoder: the decoder is causal
+
+    def __init__(self, places: Seq2SeqPlaces) -> None:
+        super().__init__()
+        self.tables = nn.ModuleDict()
+        self.places = places
+        self.cache_arg = _compat.cache_argument(places.decoder)
+        self.hooks: list[tuple[nn.Module, int]] = []
+        self.kv: torch.Tensor | None = None  # the encoder's prefix during one encoder call
+        self.shift = 0  # positions to take off the decoder's learned positions during one call
+
+    @staticmethod
+    def install(model: nn.Module) -> EncoderDecoderInjector:
+        """The model's injector, created (with its hooks) on first use."""
+        parts = _compat.encoder_decoder_parts(model)
+        found = parts[1]._modules.get(ATTR) if parts is not None else None
+        if isinstance(found, EncoderDecoderInjector):
+            return found
+        places, _ = locate_seq2seq(model)
+        if hasattr(places.decoder, ATTR):
+            raise ValueError(f"{type(places.decoder).__name__} already has an attribute {ATTR!r}")
+        injector = EncoderDecoderInjector(places)
+        places.decoder.add_module(ATTR, injector)
+        injector._hook(places.encoder, injector.before_encoder, injector.after_encoder)
+        for index, attention in enumerate(places.attentions):
+            injector._hook(attention, _EncoderAttentionHook(injector, index, attention), None)
+        injector._hook(places.decoder, injector.before_decoder, injector.after_decoder)
+        if places.positions is not None:
+            injector._hook(places.positions, injector.before_positions, None)
+        return injector
+
+    def _hook(self, module: nn.Module, pre: Any, post: Any) -> None:
+        self.hooks.append((module, module.register_forward_pre_hook(pre, with_kwargs=True).id))
+        if post is not None:
+            handle = module.register_forward_hook(post, with_kwargs=True, always_call=True)
+            self.hooks.append((module, handle.id))
+
+    def uninstall(self, body: nn.Module) -> None:
+        """Take the injector and all its hooks off the model (removed by id, see PrefixInjector)."""
+        for module, hook_id in self.hooks:
+            for name in (
+                "_forward_pre_hooks",
+                "_forward_pre_hooks_with_kwargs",
+                "_forward_hooks",
+                "_forward_hooks_with_kwargs",
+                "_forward_hooks_always_called",
+            ):
+                getattr(module, name, {}).pop(hook_id, None)
+        self.hooks = []
+        if body._modules.get(ATTR) is self:
+            delattr(body, ATTR)
+
+    # -- the prefix --------------------------------------------------------------------------
+    def active(self) -> list[PrefixTable]:
+        return [t for t in self.tables.values() if isinstance(t, PrefixTable) and t.active]
+
+    def signature(self, active: list[PrefixTable]) -> tuple[tuple[str, int], ...]:
+        return tuple((t.adapter_name, t.length) for t in active)
+
+    @staticmethod
+    def table(active: list[PrefixTable]) -> torch.Tensor:
+        """(E + 2D, 2, heads, prefix, head_dim): every active adapter's prefix, in order."""
+        return active[0]() if len(active) == 1 else torch.cat([t() for t in active], dim=3)
+
+    # -- encoder ---------------------------------------------------------------------------
+    def before_encoder(
+        self, encoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        active = self.active()
+        if not active:
+            return None
+        kv = self.table(active)
+        self.kv = kv[: self.places.encoder_layers]
+        named = _named(encoder, args, kwargs)
+        lead = named.get("input_ids")
+        lead = named.get("inputs_embeds") if lead is None else lead
+        if lead is None:
+            return None  # the model itself reports the missing input
+        mask = named.get("attention_mask")
+        if mask is None:
+            mask = torch.ones(lead.shape[0], lead.shape[1], dtype=torch.long, device=lead.device)
+        named["attention_mask"] = _extended(mask, int(kv.shape[3]), int(lead.shape[1]), "encoder")
+        return (), named
+
+    def after_encoder(self, *_: Any) -> None:
+        self.kv = None
+
+    # -- decoder ---------------------------------------------------------------------------
+    def before_decoder(
+        self, decoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        named = _named(decoder, args, kwargs)
+        given = _compat.take_cache(named)
+        mark = getattr(given, _MARK, None)
+        active = self.active()
+        if not active:
+            if isinstance(mark, Seq2SeqMark):
+                raise RuntimeError(
+                    f"the KV cache holds the prefix of {[n for n, _ in mark.signature]}, but no "
+                    f"prefix adapter is active; start a new cache ({self.cache_arg}=None)"
+                )
+            named[self.cache_arg] = given
+            return (), named
+        lead = named.get("input_ids")
+        lead = named.get("inputs_embeds") if lead is None else lead
+        states = named.get("encoder_hidden_states")
+        if lead is None or states is None:
+            return None  # the model itself reports the missing input
+        cache, past, prefix = self._cache(given, mark, active, int(lead.shape[0]))
+        named[self.cache_arg] = cache
+        seq, device = int(lead.shape[1]), lead.device
+        mask = named.get("attention_mask")
+        if mask is not None:
+            named["attention_mask"] = _extended(mask, prefix, past + seq, "decoder")
+        source = named.get("encoder_attention_mask")
+        if source is None:
+            source = torch.ones(states.shape[:2], dtype=torch.long, device=device)
+        named["encoder_attention_mask"] = _extended(source, prefix, states.shape[1], "encoder")
+        if named.get(_compat.CACHE_POSITION) is not None:  # models of 4.57 take it
+            named[_compat.CACHE_POSITION] = named[_compat.CACHE_POSITION] + prefix
+        self.shift = 0 if all(t.positions_after_prefix for t in active) else prefix
+        return (), named
+
+    def after_decoder(
+        self, decoder: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any], output: Any
+    ) -> Any:
+        """Drop a cache the hook created from the output when the caller asked for no cache."""
+        self.shift = 0
+        mark = getattr(kwargs.get(self.cache_arg), _MARK, None)
+        if not isinstance(mark, Seq2SeqMark) or not mark.fresh:
+            return None
+        mark.fresh = False
+        use_cache = kwargs.get("use_cache")
+        if use_cache is None:
+            use_cache = getattr(decoder.config, "use_cache", False)
+        if use_cache or _compat.output_cache(output) is None:
+            return None
+        return _compat.without_cache(output)
+
+    def _cache(
+        self, cache: Any, mark: Any, active: list[PrefixTable], batch: int
+    ) -> tuple[Any, int, int]:
+        """The cache holding the decoder's prefixes, the real tokens already in it, the prefix length."""
+        signature = self.signature(active)
+        if isinstance(mark, Seq2SeqMark):
+            if mark.signature != signature:
+                raise RuntimeError(
+                    f"the KV cache holds the prefixes {list(mark.signature)}, but the active prefix "
+                    f"adapters are {list(signature)}; start a new cache ({self.cache_arg}=None)"
+                )
+            return cache, cache.get_seq_length() - mark.length, mark.length
+        fresh = cache is None
+        if fresh:
+            cache = _compat.new_encoder_decoder_cache(self.places.decoder.config)
+        else:
+            _check_fillable(cache)
+        kv = self.table(active)
+        first, layers = self.places.encoder_layers, self.places.decoder_layers
+        for i in range(layers):
+            own, cross = kv[first + i], kv[first + layers + i]
+            cache.self_attention_cache.update(_batched(own[0], batch), _batched(own[1], batch), i)
+            cache.cross_attention_cache.update(
+                _batched(cross[0], batch), _batched(cross[1], batch), i
+            )
+        setattr(cache, _MARK, Seq2SeqMark(signature, fresh))
+        return cache, 0, int(kv.shape[3])
+
+    # -- positions -------------------------------------------------------------------------
+    def before_positions(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        """Count learned positions without the prefix (the cache length the decoder read holds it)."""
+        if not self.shift:
+            return None
+        if kwargs.get("position_ids") is not None:
+            return args, {**kwargs, "position_ids": kwargs["position_ids"] - self.shift}
+        if "cache_length" in kwargs:
+            return args, {**kwargs, "cache_length": kwargs["cache_length"] - self.shift}
+        if len(args) > 1:
+            return (args[0], args[1] - self.shift, *args[2:]), kwargs
+        return None
+
+
+class _EncoderAttentionHook:
+    """The pre-hook of encoder attention ``index``: passes it the prefix as a ``PrependingCache``."""
+
+    def __init__(self, injector: EncoderDecoderInjector, index: int, attention: nn.Module) -> None:
+        self.injector = injector
+        self.index = index
+        self.argument = _compat.cache_argument(attention)
+
+    def __call__(
+        self, module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
+        kv = self.injector.kv
+        if kv is None:
+            return None
+        states = args[0] if args else kwargs["hidden_states"]
+        batch = int(states.shape[0])
+        for other in _compat.CACHE_ARGUMENTS:
+            kwargs.pop(other, None)
+        keys, values = _batched(kv[self.index, 0], batch), _batched(kv[self.index, 1], batch)
+        return args, {**kwargs, self.argument: _compat.PrependingCache(keys, values)}
+
+
+def _batched(tensor: torch.Tensor, batch: int) -> torch.Tensor:
+    return tensor.unsqueeze(0).expand(batch, -1, -1, -1)
+
+
+def _named(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+    if not args:
+        return dict(kwargs)
+    params = inspect.signature(module.forward).parameters.values()
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in params if p.kind in kinds]
+    if len(args) > len(names):
+        raise TypeError(f"too many positional arguments ({len(args)}) for {type(module).__name__}")
+    return {**dict(zip(names, args, strict=False)), **kwargs}
+
+
+def _extended(mask: torch.Tensor, prefix: int, length: int, side: str) -> torch.Tensor:
+    """The 2-D padding ``mask`` with ones over the prefix in front."""
+    if mask.ndim != 2:
+        raise ValueError(
+            f"prefix-tuning extends the {side}'s 2-D attention mask (batch, tokens) over its "
+            f"prefix; got shape {tuple(mask.shape)}. Pass the 2-D padding mask"
+        )
+    if mask.shape[-1] != length:
+        raise ValueError(
+            f"the {side}'s attention mask covers {mask.shape[-1]} tokens but the input and cache "
+            f"hold {length} (the mask counts tokens without the prefix)"
+        )
+    return torch.cat([mask.new_ones(mask.shape[0], prefix), mask], dim=-1)
+
+
+def _check_fillable(cache: Any) -> None:
+    if not _compat.is_encoder_decoder_cache(cache):
+        raise UnsupportedModelError(
+            "prefix-tuning puts an encoder-decoder model's prefix into an EncoderDecoderCache of "
+            f"two DynamicCache halves (generate()'s default); got {type(cache).__name__}. Use the "
+            "default cache"
+        )
+    if cache.get_seq_length() != 0 or any(_compat.cross_attention_updated(cache).values()):
+        raise RuntimeError(
+            f"the KV cache holds {cache.get_seq_length()} tokens computed without this prefix; "
+            "pass a cache the prefixed model returned, or start a new one (cache=None)"
+        )
