@@ -157,12 +157,11 @@ def _probe(model: nn.Module, places: Seq2SeqPlaces) -> KVShape:
 
 def _probe_inputs(model: nn.Module) -> dict[str, Any]:
     device = next(model.parameters()).device
-    config = model.config
-    inputs: dict[str, Any] = {"input_ids": torch.zeros(1, 2, dtype=torch.long, device=device)}
-    if "decoder_input_ids" not in inputs:
-        start = getattr(model.config, "decoder_start_token_id", None) or 0
-        inputs["decoder_input_ids"] = torch.full((1, 1), int(start), device=device)
-    return inputs
+    start = getattr(model.config, "decoder_start_token_id", None) or 0
+    return {
+        "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+        "decoder_input_ids": torch.full((1, 1), int(start), device=device),
+    }
 
 
 def _passing(cache: Any, argument: str) -> Any:
