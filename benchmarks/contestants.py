@@ -25,6 +25,7 @@ from peftkit.registry import spec
 
 FLOOR = "floor"
 TORCH_FULL = "torch:full"
+GROUPED_PREFIX = "peftkit:prefix-grouped-sdpa"
 
 
 @dataclass
@@ -73,10 +74,14 @@ def demo_config(method: str, total_steps: int) -> peftkit.MethodConfig:
     return spec(method).method_cls.demo_config(total_steps)
 
 
-def _peftkit(method: str) -> Callable[[nn.Module, int], Prepared]:
+def _peftkit(method: str, grouped: bool = False) -> Callable[[nn.Module, int], Prepared]:
     def prepare(model: nn.Module, total_steps: int) -> Prepared:
         config = demo_config(method, total_steps)
         peftkit.apply(model, config, adapter_name="bench")
+        if grouped:  # the prefix with grouped-query SDPA under the mask (no repeated K/V heads)
+            from peftkit.methods.prefix import grouped_sdpa
+
+            grouped_sdpa(model)
 
         def merged() -> tuple[nn.Module | None, str]:
             # What a user deploys: a prefix's MLP folded away, then every mergeable layer merged.
@@ -217,6 +222,9 @@ def lineup(vs_peft: bool) -> list[Contestant]:
     out = [Contestant(FLOOR, "floor (frozen base)", "floor", "", _floor)]
     for name in peftkit.methods():
         out.append(Contestant(f"peftkit:{name}", name, "peftkit", name, _peftkit(name)))
+    if "prefix" in peftkit.methods():
+        label, prepare = "prefix, grouped_sdpa", _peftkit("prefix", grouped=True)
+        out.append(Contestant(GROUPED_PREFIX, label, "peftkit", "prefix+grouped_sdpa", prepare))
     if "full" not in peftkit.methods():
         label = "full (plain torch)"
         out.append(Contestant(TORCH_FULL, label, "torch", "full", _torch_full))

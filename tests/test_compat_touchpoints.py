@@ -302,3 +302,16 @@ def test_learned_decoder_positions_are_numbered_through_position_ids() -> None:
     assert _compat.learned_positions(FAMILIES["t5"].build().get_decoder()) is None
     module = _compat.learned_positions(FAMILIES["bart"].build().get_decoder())
     assert module is not None, _where("BartDecoder.embed_positions takes position_ids")
+
+
+def test_the_grouped_sdpa_attention_and_its_mask_are_registered_publicly() -> None:
+    """``AttentionInterface.register`` / ``AttentionMaskInterface.register``: a name transformers
+    has no mask builder for gets no mask at all, so both are registered."""
+    name = _compat.register_grouped_sdpa()
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    assert name in AttentionInterface._global_mapping, _where("AttentionInterface.register")
+    assert name in AttentionMaskInterface._global_mapping, _where("AttentionMaskInterface.register")
+    model = CASES["llama"].build()
+    _compat.set_attention_implementation(model, name)
+    assert _compat.attention_implementation(model) == name, _where("set_attn_implementation")

@@ -43,6 +43,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply_prefix",
     "fold_prefix",
+    "grouped_sdpa",
     "supported_range",
 ]
 
@@ -235,6 +236,30 @@ class Prefix(Method):
             return {}
         how = "plain" if self.table.folded else f"mlp {self.config.mlp_hidden}"
         return {"prefix": self.table.length, "table": how}
+
+
+def grouped_sdpa(model: nn.Module, enabled: bool = True) -> bool:
+    """Let a grouped-query model's SDPA attention keep its shared key/value heads under a mask.
+
+    With a prefix the queries and keys differ in length, so transformers passes an explicit mask,
+    and its SDPA path then repeats every key/value head once per query group before attention.
+    ``grouped_sdpa(model)`` switches the model to an attention registered through transformers'
+    public ``AttentionInterface`` that calls torch's SDPA with the mask and ``enable_gqa=True``
+    (same outputs within float rounding, no repeated heads); ``enabled=False`` switches back to
+    ``"sdpa"``. Only a model running ``"sdpa"`` is switched: eager and flash attention stay as they
+    are. Returns True when the model's attention changed.
+    """
+    current = _compat.attention_implementation(model)
+    target = _compat.register_grouped_sdpa() if enabled else "sdpa"
+    if current == target:
+        return False
+    if current not in ("sdpa", _compat.GROUPED_SDPA):
+        raise ValueError(
+            f"grouped_sdpa replaces transformers' 'sdpa' attention; this model runs {current!r}, "
+            "which it leaves alone. Load the model with attn_implementation='sdpa' to use it"
+        )
+    _compat.set_attention_implementation(model, target)
+    return True
 
 
 def __getattr__(name: str) -> Any:
