@@ -23,6 +23,7 @@ from ... import _compat
 from ...config import MethodConfig, check_finite_number, check_positive_int
 from ...registry import register_method
 from ..base import MergeReport, Method, apply_with
+from .discovery import locate_seq2seq
 from .injection import (
     TRANSFORMERS_RANGE,
     PrefixInjector,
@@ -31,7 +32,7 @@ from .injection import (
     located,
     supported_range,
 )
-from .seq2seq import EncoderDecoderInjector, locate_seq2seq
+from .seq2seq import EncoderDecoderInjector
 from .table import KVShape, PrefixTable
 
 __all__ = [
