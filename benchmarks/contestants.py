@@ -216,13 +216,14 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the line-up -----------------------------------------------------------------------------------
-def lineup(vs_peft: bool) -> list[Contestant]:
+def lineup(vs_peft: bool, extras: bool = False) -> list[Contestant]:
     """The floor, every registered method (and plain full fine-tuning if none is named ``full``),
-    then peft's twins when asked for and installed."""
+    then peft's twins when asked for and installed. ``extras`` adds variants run only when named
+    with ``--only`` (the prefix with ``grouped_sdpa``)."""
     out = [Contestant(FLOOR, "floor (frozen base)", "floor", "", _floor)]
     for name in peftkit.methods():
         out.append(Contestant(f"peftkit:{name}", name, "peftkit", name, _peftkit(name)))
-    if "prefix" in peftkit.methods():
+    if extras and "prefix" in peftkit.methods():
         label, prepare = "prefix, grouped_sdpa", _peftkit("prefix", grouped=True)
         out.append(Contestant(GROUPED_PREFIX, label, "peftkit", "prefix+grouped_sdpa", prepare))
     if "full" not in peftkit.methods():
@@ -235,7 +236,7 @@ def lineup(vs_peft: bool) -> list[Contestant]:
 
 
 def by_key(key: str, vs_peft: bool = True) -> Contestant:
-    for contestant in lineup(vs_peft):
+    for contestant in lineup(vs_peft, extras=True):
         if contestant.key == key:
             return contestant
     raise KeyError(f"unknown contestant {key!r}")
