@@ -94,9 +94,9 @@ def settings(args: argparse.Namespace) -> tuple[ModelSpec, torch.device, torch.d
 
 def chosen(args: argparse.Namespace) -> list[Contestant]:
     vs_peft = args.vs_peft and common.peft_available()
-    everyone = lineup(vs_peft)
     if not args.only:
-        return everyone
+        return lineup(vs_peft)
+    everyone = lineup(vs_peft, extras=True)
     unknown = set(args.only) - {c.key for c in everyone}
     if unknown:
         raise SystemExit(

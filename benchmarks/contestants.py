@@ -25,6 +25,7 @@ from peftkit.registry import spec
 
 FLOOR = "floor"
 TORCH_FULL = "torch:full"
+GROUPED_PREFIX = "peftkit:prefix-grouped-sdpa"
 
 
 @dataclass
@@ -73,10 +74,14 @@ def demo_config(method: str, total_steps: int) -> peftkit.MethodConfig:
     return spec(method).method_cls.demo_config(total_steps)
 
 
-def _peftkit(method: str) -> Callable[[nn.Module, int], Prepared]:
+def _peftkit(method: str, grouped: bool = False) -> Callable[[nn.Module, int], Prepared]:
     def prepare(model: nn.Module, total_steps: int) -> Prepared:
         config = demo_config(method, total_steps)
         peftkit.apply(model, config, adapter_name="bench")
+        if grouped:  # the prefix with grouped-query SDPA under the mask (no repeated K/V heads)
+            from peftkit.methods.prefix import grouped_sdpa
+
+            grouped_sdpa(model)
 
         def merged() -> tuple[nn.Module | None, str]:
             # What a user deploys: a prefix's MLP folded away, then every mergeable layer merged.
@@ -211,12 +216,16 @@ def _plain(data: dict[str, Any]) -> dict[str, Any]:
 
 
 # -- the line-up -----------------------------------------------------------------------------------
-def lineup(vs_peft: bool) -> list[Contestant]:
+def lineup(vs_peft: bool, extras: bool = False) -> list[Contestant]:
     """The floor, every registered method (and plain full fine-tuning if none is named ``full``),
-    then peft's twins when asked for and installed."""
+    then peft's twins when asked for and installed. ``extras`` adds variants run only when named
+    with ``--only`` (the prefix with ``grouped_sdpa``)."""
     out = [Contestant(FLOOR, "floor (frozen base)", "floor", "", _floor)]
     for name in peftkit.methods():
         out.append(Contestant(f"peftkit:{name}", name, "peftkit", name, _peftkit(name)))
+    if extras and "prefix" in peftkit.methods():
+        label, prepare = "prefix, grouped_sdpa", _peftkit("prefix", grouped=True)
+        out.append(Contestant(GROUPED_PREFIX, label, "peftkit", "prefix+grouped_sdpa", prepare))
     if "full" not in peftkit.methods():
         label = "full (plain torch)"
         out.append(Contestant(TORCH_FULL, label, "torch", "full", _torch_full))
@@ -227,7 +236,7 @@ def lineup(vs_peft: bool) -> list[Contestant]:
 
 
 def by_key(key: str, vs_peft: bool = True) -> Contestant:
-    for contestant in lineup(vs_peft):
+    for contestant in lineup(vs_peft, extras=True):
         if contestant.key == key:
             return contestant
     raise KeyError(f"unknown contestant {key!r}")

@@ -85,7 +85,7 @@ class Family:
 
 
 _NO_CACHE = "no module of it takes one with an attention mask"
-_SEQ2SEQ = "it is an encoder-decoder model"
+_WHISPER_DECODER = "takes no encoder_attention_mask"
 
 
 def _decoder(name: str, model_type: str | None = None, **fields: Any) -> Family:
@@ -111,6 +111,7 @@ _BART = {
     "encoder_attention_heads": 4, "decoder_attention_heads": 4, "encoder_ffn_dim": 64,
     "decoder_ffn_dim": 64, "max_position_embeddings": 64, "decoder_start_token_id": 2,
 }  # fmt: skip
+_MARIAN = {**_BART, "pad_token_id": 0, "decoder_start_token_id": 0}
 _T5 = {"vocab_size": 64, "d_model": 32, "d_kv": 8, "d_ff": 64, "num_layers": 2, "num_heads": 4,
        "decoder_start_token_id": 0}  # fmt: skip
 _VIT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -146,11 +147,13 @@ FAMILIES: dict[str, Family] = {
         _encoder("albert", prefix=_NO_CACHE, embedding_size=16),
         Family("distilbert", "distilbert", "AutoModelForSequenceClassification", _DISTILBERT,
                "encoder", small=False, prefix=_NO_CACHE, head=("pre_classifier", "classifier")),
-        Family("t5", "t5", "AutoModelForSeq2SeqLM", _T5, "seq2seq", small=False, prefix=_SEQ2SEQ),
-        Family("bart", "bart", "AutoModelForSeq2SeqLM", _BART, "seq2seq", small=False,
-               prefix=_SEQ2SEQ),
+        Family("t5", "t5", "AutoModelForSeq2SeqLM", _T5, "seq2seq", small=False),
+        Family("bart", "bart", "AutoModelForSeq2SeqLM", _BART, "seq2seq", small=False),
+        Family("mbart", "mbart", "AutoModelForSeq2SeqLM", _BART, "seq2seq", small=False),
+        Family("pegasus", "pegasus", "AutoModelForSeq2SeqLM", _BART, "seq2seq", small=False),
+        Family("marian", "marian", "AutoModelForSeq2SeqLM", _MARIAN, "seq2seq", small=False),
         Family("whisper", "whisper", "AutoModelForSpeechSeq2Seq", _WHISPER, "speech", small=False,
-               prefix=_SEQ2SEQ),
+               prefix=_WHISPER_DECODER),
         Family("vit", "vit", "AutoModel", _VIT, "vision", small=False, prefix=_NO_CACHE),
         Family("clip_vision", "clip_vision_model", "AutoModel", _VIT, "vision", small=False,
                prefix=_NO_CACHE),
@@ -161,6 +164,7 @@ FAMILIES: dict[str, Family] = {
 }  # fmt: skip
 
 DECODERS = [f for f in FAMILIES.values() if f.kind == "decoder"]
+SEQ2SEQ = [f for f in FAMILIES.values() if f.kind == "seq2seq" and f.prefix is None]
 PREFIX_FAMILIES = [f for f in FAMILIES.values() if f.prefix is None]
 
 

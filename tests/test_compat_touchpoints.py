@@ -18,6 +18,7 @@ import peftkit
 from peftkit import _compat
 from peftkit._compat import UnsupportedModelError
 
+from families import FAMILIES
 from helpers import pyproject
 from zoo import CASES
 
@@ -278,3 +279,59 @@ def test_peft_attention_out_count_is_found_on_the_installed_peft(
         assert _compat.peft_attention_out_count() == 2
     finally:
         _compat.peft_attention_out_count.cache_clear()
+
+
+@pytest.mark.parametrize("kind", ["t5", "bart"])
+def test_encoder_attention_modules_put_their_keys_through_a_given_cache(kind: str) -> None:
+    """Prefix-tuning's encoder prefix: each encoder attention module takes ``cache=`` (its stack
+    passes none) and calls ``update`` once; its output changes with the prepended keys."""
+    model = FAMILIES[kind].build()
+    encoder = model.get_encoder()
+    attention = next(
+        m for m in encoder.modules() if hasattr(m, "layer_idx") and "Attention" in type(m).__name__
+    )
+    hidden = torch.randn(1, 4, model.config.d_model)
+    argument = _compat.cache_argument(attention)
+    recorder = _compat.PrependingCache(None, None)
+    with torch.no_grad():
+        plain = attention(hidden, **{argument: recorder})[0]
+    assert len(recorder.calls) == 1, _where(f"{type(attention).__name__} calls cache.update once")
+    heads, dim = recorder.calls[0][1], recorder.calls[0][3]
+    prefix = _compat.PrependingCache(torch.randn(1, heads, 2, dim), torch.randn(1, heads, 2, dim))
+    with torch.no_grad():
+        prefixed = attention(hidden, **{argument: prefix})[0]
+    assert (prefixed - plain).abs().max() > 1e-4, _where("the cache's keys reach the attention")
+
+
+def test_an_encoder_decoder_cache_over_a_filled_cross_half_reuses_it() -> None:
+    """``EncoderDecoderCache.__init__`` flags layers whose cross-attention half holds keys as
+    ``is_updated`` (reused as they are); one made empty and filled later stays unflagged."""
+    config = FAMILIES["t5"].build().config
+    filled = transformers.DynamicCache(config=config)
+    filled.update(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), 0)
+    cache = transformers.EncoderDecoderCache(transformers.DynamicCache(config=config), filled)
+    assert _compat.cross_attention_updated(cache)[0] is True, _where("is_updated from the halves")
+    empty = _compat.new_encoder_decoder_cache(config)
+    empty.cross_attention_cache.update(torch.zeros(1, 4, 2, 8), torch.zeros(1, 4, 2, 8), 0)
+    assert not any(_compat.cross_attention_updated(empty).values()), _where("is_updated set once")
+    assert _compat.is_encoder_decoder_cache(empty) and not _compat.is_encoder_decoder_cache(filled)
+
+
+def test_learned_decoder_positions_are_numbered_through_position_ids() -> None:
+    """BART's decoder calls ``embed_positions(..., position_ids=...)``; T5 has no such module."""
+    assert _compat.learned_positions(FAMILIES["t5"].build().get_decoder()) is None
+    module = _compat.learned_positions(FAMILIES["bart"].build().get_decoder())
+    assert module is not None, _where("BartDecoder.embed_positions takes position_ids")
+
+
+def test_the_grouped_sdpa_attention_and_its_mask_are_registered_publicly() -> None:
+    """``AttentionInterface.register`` / ``AttentionMaskInterface.register``: a name transformers
+    has no mask builder for gets no mask at all, so both are registered."""
+    name = _compat.register_grouped_sdpa()
+    from transformers import AttentionInterface, AttentionMaskInterface
+
+    assert name in AttentionInterface._global_mapping, _where("AttentionInterface.register")
+    assert name in AttentionMaskInterface._global_mapping, _where("AttentionMaskInterface.register")
+    model = CASES["llama"].build()
+    _compat.set_attention_implementation(model, name)
+    assert _compat.attention_implementation(model) == name, _where("set_attn_implementation")

@@ -71,7 +71,6 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         TypeError,
         r"TinyTransformer: it is not a transformers model\. " + PREFIX_SUPPORTED,
     ),
-    ("prefix", "t5"): (TypeError, r"T5ForConditionalGeneration: it is an encoder-decoder model"),
 }
 
 BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startswith("peftkit.")]

@@ -5,8 +5,9 @@ raise (and the model is left as it was); everything else must keep the contract:
 injection where the method starts at zero, trainable parameters exactly the adapter's, save → fresh
 model → load identical, one optimiser step changes only adapter parameters, disable gives the base.
 Prefix-tuning's own checks (the base fed the prefix by hand, generation with and without the cache,
-left padding, beam search, fold_prefix) run on every decoder family below; the slow ones are
-marked ``slow``.
+left padding, beam search, fold_prefix) run on every decoder family below, and on every
+encoder-decoder family (the decoder fed its prefixes by hand, generation, a padded encoder row,
+beam search); the slow ones are marked ``slow``.
 """
 
 from __future__ import annotations
@@ -32,10 +33,12 @@ from peftkit import (
 )
 from peftkit._compat import cache_argument
 from peftkit.methods.prefix import Prefix, UnsupportedModelError
+from peftkit.methods.prefix.injection import injector_of
+from peftkit.methods.prefix.seq2seq import EncoderDecoderInjector
 from peftkit.registry import spec
 from peftkit.targeting import TargetError
 
-from families import DECODERS, FAMILIES, PREFIX_FAMILIES, Family
+from families import DECODERS, FAMILIES, PREFIX_FAMILIES, SEQ2SEQ, Family
 from helpers import perturb, snapshot
 
 transformers = pytest.importorskip("transformers")
@@ -70,6 +73,7 @@ BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startsw
 # body inside the body, sliding windows, encoders with and without a cache, speech, vision); the
 # rest, and AdaLoRA (the slowest to set up), run with ``nox -s slow``.
 FAST = {"mixtral", "falcon", "bloom", "opt", "gemma2", "roberta", "deberta-v2", "whisper", "vit"}
+FAST |= {"t5", "bart"}  # encoder-decoder: relative positions, learned positions
 
 
 # Pairs expected to fail, each with its reason; strict, so each fails as soon as it passes.
@@ -259,7 +263,7 @@ def test_prefix_generation_with_and_without_cache_and_left_padding(name: str) ->
 @pytest.mark.parametrize("name", [f.name for f in DECODERS])
 def test_prefix_beam_search_with_cache_equals_without(name: str) -> None:
     model = _prefixed(FAMILIES[name])
-    _, ids, mask = _left_padded()
+    _, ids, mask = _right_padded()
     beams = {"max_new_tokens": 4, "num_beams": 3, "do_sample": False}
     with_cache = model.generate(input_ids=ids, attention_mask=mask, **beams)
     without = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **beams)
@@ -276,3 +280,106 @@ def test_fold_prefix_keeps_outputs_bit_exact_on_every_family(name: str) -> None:
     assert peftkit.fold_prefix(model) == ["default"]
     with torch.no_grad():
         torch.testing.assert_close(family.output(model, inputs), before, rtol=0, atol=0)
+
+
+# -- prefix-tuning on every encoder-decoder family ------------------------------------------------
+def _seq2seq_inputs(seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(4, 60, (2, 5), generator=gen), torch.randint(4, 60, (2, 3), generator=gen)
+
+
+@pytest.mark.parametrize("name", [_marked(None, f.name) for f in SEQ2SEQ])
+def test_seq2seq_prefix_decoder_equals_the_base_fed_a_hand_built_cache(name: str) -> None:
+    """Given the prefixed encoder's states, the prefixed decoder equals the base decoder fed an
+    EncoderDecoderCache holding the self-attention and cross-attention prefixes (masks over them).
+    Learned positions count the cached prefix there, so this compares positions_after_prefix."""
+    model = _prefixed(FAMILIES[name], positions_after_prefix=True)
+    ids, decoder_ids = _seq2seq_inputs()
+    adapted = _logits(model, input_ids=ids, decoder_input_ids=decoder_ids)
+    with torch.no_grad():
+        states = model.get_encoder()(input_ids=ids)
+    found = injector_of(model)
+    assert found is not None and isinstance(found[1], EncoderDecoderInjector)
+    kv, layers = _table(model), found[1].places.decoder_layers
+    first = kv.shape[0] - 2 * layers
+    own, cross = (
+        transformers.DynamicCache(config=model.config),
+        transformers.DynamicCache(config=model.config),
+    )
+    for i in range(layers):
+        own.update(
+            kv[first + i, 0].expand(2, -1, -1, -1), kv[first + i, 1].expand(2, -1, -1, -1), i
+        )
+        j = first + layers + i
+        cross.update(kv[j, 0].expand(2, -1, -1, -1), kv[j, 1].expand(2, -1, -1, -1), i)
+    cache = transformers.EncoderDecoderCache(own, cross)
+    cache.is_updated = {i: False for i in range(layers)}  # the encoder's keys still to be appended
+    hand = {
+        cache_argument(model): cache,
+        "encoder_outputs": states,
+        "attention_mask": torch.ones(2, 3 + 5, dtype=torch.long),
+        "decoder_attention_mask": torch.ones(2, 3 + 3, dtype=torch.long),
+    }
+    with peftkit.disable_adapters(model):
+        reference = _logits(model, decoder_input_ids=decoder_ids, **hand)
+        base = _logits(model, input_ids=ids, decoder_input_ids=decoder_ids)
+    torch.testing.assert_close(adapted, reference, rtol=1e-5, atol=1e-5)
+    assert (adapted - base).abs().max() > 1e-3, "the prefix had no effect"
+    assert cache.cross_attention_cache.get_seq_length() == 3 + 5  # [prefix; encoder]
+
+
+def _right_padded(seed: int = 0) -> tuple[list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    rows, _, _ = _left_padded(seed)
+    ids = torch.zeros(2, 6, dtype=torch.long)
+    mask = torch.zeros(2, 6, dtype=torch.long)
+    for b, row in enumerate(rows):
+        ids[b, : len(row)], mask[b, : len(row)] = row, 1
+    return rows, ids, mask
+
+
+def _generated(model: nn.Module, **inputs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """Greedy tokens and the scores of every step, (batch, steps, vocab)."""
+    out = model.generate(
+        **inputs,
+        max_new_tokens=4,
+        do_sample=False,
+        output_scores=True,
+        return_dict_in_generate=True,
+    )
+    return out.sequences, torch.stack(out.scores, dim=1)
+
+
+@pytest.mark.parametrize("name", [_marked(None, f.name) for f in SEQ2SEQ])
+def test_seq2seq_prefix_generation_with_and_without_cache_and_a_padded_encoder_row(
+    name: str,
+) -> None:
+    """Tiny random models often pick the same tokens whatever the input, so the scores of every
+    step are compared too. The source is padded on the right, as seq2seq tokenizers do: BART's
+    encoder numbers positions without looking at the mask, and T5's relative bias would put
+    left pads between the prefix and the real tokens."""
+    model = _prefixed(FAMILIES[name])
+    rows, ids, mask = _right_padded()
+    tokens, scores = _generated(model, input_ids=ids, attention_mask=mask)
+    uncached, uncached_scores = _generated(
+        model, input_ids=ids, attention_mask=mask, use_cache=False
+    )
+    assert torch.equal(tokens, uncached)
+    torch.testing.assert_close(scores, uncached_scores, rtol=1e-5, atol=1e-5)
+    for b, row in enumerate(rows):
+        alone, alone_scores = _generated(model, input_ids=row.unsqueeze(0))
+        assert torch.equal(alone[0], tokens[b]), f"row {b} differs when its source is padded"
+        torch.testing.assert_close(alone_scores[0], scores[b], rtol=1e-5, atol=1e-5)
+    with peftkit.disable_adapters(model):
+        _, base_scores = _generated(model, input_ids=ids, attention_mask=mask)
+    assert (base_scores - scores).nan_to_num(0.0).abs().max() > 1e-3, "the prefix had no effect"
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", [f.name for f in SEQ2SEQ])
+def test_seq2seq_prefix_beam_search_with_cache_equals_without(name: str) -> None:
+    model = _prefixed(FAMILIES[name])
+    _, ids, mask = _right_padded()
+    beams = {"max_new_tokens": 4, "num_beams": 3, "do_sample": False}
+    with_cache = model.generate(input_ids=ids, attention_mask=mask, **beams)
+    without = model.generate(input_ids=ids, attention_mask=mask, use_cache=False, **beams)
+    assert torch.equal(with_cache, without)

@@ -395,3 +395,159 @@ def _peft_version() -> str:
     import peft
 
     return str(peft.__version__)
+
+
+# -- encoder-decoder models ----------------------------------------------------------------------
+def encoder_decoder_parts(model: nn.Module) -> tuple[nn.Module, nn.Module] | None:
+    """(encoder, decoder) of a transformers encoder-decoder model (``config.is_encoder_decoder``
+    and the public ``get_encoder()`` / ``get_decoder()``), or None for any other model."""
+    if not getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return None
+    get_encoder, get_decoder = (
+        getattr(model, "get_encoder", None),
+        getattr(model, "get_decoder", None),
+    )
+    if not callable(get_encoder) or not callable(get_decoder):
+        return None
+    encoder, decoder = get_encoder(), get_decoder()
+    if not isinstance(encoder, nn.Module) or not isinstance(decoder, nn.Module):
+        return None
+    return encoder, decoder
+
+
+def new_encoder_decoder_cache(config: Any) -> Any:
+    """An empty ``EncoderDecoderCache`` (self-attention and cross-attention ``DynamicCache``), as
+    ``generate()`` makes one; its ``is_updated`` flags start False."""
+    try:
+        from transformers import EncoderDecoderCache
+    except ImportError as err:
+        raise _missing("transformers.EncoderDecoderCache", f"({err})") from None
+    return EncoderDecoderCache(new_dynamic_cache(config), new_dynamic_cache(config))
+
+
+def is_encoder_decoder_cache(cache: Any) -> bool:
+    """True for an ``EncoderDecoderCache`` whose two halves are fillable ``DynamicCache`` objects."""
+    try:
+        from transformers import EncoderDecoderCache
+    except ImportError:
+        return False
+    return (
+        isinstance(cache, EncoderDecoderCache)
+        and is_fillable_dynamic(getattr(cache, "self_attention_cache", None))
+        and is_fillable_dynamic(getattr(cache, "cross_attention_cache", None))
+    )
+
+
+def cross_attention_updated(cache: Any) -> dict[int, bool]:
+    """``EncoderDecoderCache.is_updated``: per decoder layer, whether its cross-attention reuses
+    the cached keys/values instead of projecting the encoder's states (True after the first step)."""
+    flags = getattr(cache, "is_updated", None)
+    return {int(k): bool(v) for k, v in flags.items()} if isinstance(flags, Mapping) else {}
+
+
+class PrependingCache:
+    """Stands in for a KV cache in one call of one encoder attention module: ``update`` returns
+    ``[prefix; new]`` keys and values and stores nothing.
+
+    transformers' BART-, T5- and Whisper-style attention modules take ``cache=`` (``past_key_values=``
+    before 5.24) even in the encoder, where their stack passes none, and use it only through
+    ``cache.update(keys, values, layer_idx, ...)`` (and T5 ``cache.get_seq_length(layer_idx)``, so
+    its relative positions count the prefix as earlier tokens). ``calls`` counts the updates.
+    """
+
+    def __init__(self, keys: torch.Tensor | None, values: torch.Tensor | None) -> None:
+        self.keys, self.values = keys, values
+        self.calls: list[tuple[int, ...]] = []  # the shapes of the keys each update received
+
+    def get_seq_length(self, layer_idx: int | None = 0) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[-2])
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        self.calls.append(tuple(key_states.shape))
+        if self.keys is None or self.values is None:
+            return key_states, value_states
+        keys = self.keys.to(key_states.dtype)
+        values = self.values.to(value_states.dtype)
+        return torch.cat([keys, key_states], dim=-2), torch.cat([values, value_states], dim=-2)
+
+
+def learned_positions(decoder: nn.Module) -> nn.Module | None:
+    """A decoder's learned position embedding that numbers tokens from the cache length (BART's,
+    mBART's ``embed_positions``, called with ``position_ids``), or None (T5: relative positions)."""
+    module = getattr(decoder, "embed_positions", None)
+    if not isinstance(module, nn.Embedding):
+        return None
+    params = inspect.signature(module.forward).parameters
+    return module if "position_ids" in params else None
+
+
+# -- grouped-query SDPA with a mask ---------------------------------------------------------------
+GROUPED_SDPA = "peftkit_grouped_sdpa"
+
+
+def _grouped_sdpa_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    is_causal: bool | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, None]:
+    """transformers' SDPA attention, but with an explicit mask under grouped-query attention it
+    lets torch's SDPA share the key/value heads (``enable_gqa=True``) instead of repeating them.
+    Every other call (no mask, no key/value groups, T5-style position bias, soft-capping, attention
+    weights asked for) goes to transformers' own ``sdpa_attention_forward`` unchanged."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    groups = int(getattr(module, "num_key_value_groups", 1) or 1)
+    plain = kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+    if attention_mask is None or groups <= 1 or not plain or kwargs.get("output_attentions"):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs
+        )
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query,
+        key,
+        value,
+        attn_mask=attention_mask,
+        dropout_p=dropout,
+        scale=scaling,
+        is_causal=False,  # the mask holds the causal pattern
+        enable_gqa=True,
+    )
+    return output.transpose(1, 2).contiguous(), None
+
+
+def register_grouped_sdpa() -> str:
+    """Register peftkit's grouped SDPA (and SDPA's mask builder) under ``GROUPED_SDPA`` through
+    transformers' public ``AttentionInterface`` / ``AttentionMaskInterface``; returns the name.
+    Without the mask entry transformers would build no mask at all for an unknown name."""
+    try:
+        from transformers import AttentionInterface, AttentionMaskInterface
+        from transformers.masking_utils import sdpa_mask
+    except ImportError as err:
+        raise _missing("AttentionInterface / AttentionMaskInterface", f"({err})") from None
+    AttentionInterface.register(GROUPED_SDPA, _grouped_sdpa_forward)
+    AttentionMaskInterface.register(GROUPED_SDPA, sdpa_mask)
+    return GROUPED_SDPA
+
+
+def attention_implementation(model: nn.Module) -> str | None:
+    """The attention a transformers model runs (``config._attn_implementation``), or None."""
+    found = getattr(getattr(model, "config", None), "_attn_implementation", None)
+    return found if isinstance(found, str) else None
+
+
+def set_attention_implementation(model: nn.Module, name: str) -> None:
+    """``model.set_attn_implementation(name)`` (public from transformers 4.56)."""
+    setter = getattr(model, "set_attn_implementation", None)
+    if not callable(setter):
+        raise _missing(
+            "PreTrainedModel.set_attn_implementation", "Load the model with attn_implementation="
+        )
+    setter(name)

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .. import _compat
 from ..layers import SavedModule
 from ..methods.base import Method
 from ..methods.prefix import Prefix, PrefixConfig
@@ -45,6 +46,12 @@ EMBEDDINGS = "prompt_embeddings"
 _KEY = "prefix.key_values"
 # Models whose attention rotates queries and keys by position with the rotate-half RoPE.
 ROTARY_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+LAYOUTS = (
+    "peft lays out an encoder-decoder prefix (task_type SEQ_2_SEQ_LM) for the decoder's "
+    "self-attention only (it empties the cross-attention cache and gives the encoder none), "
+    "peftkit for the encoder's self-attention, the decoder's self-attention and the "
+    "cross-attention; the layouts differ, so it converts neither way"
+)
 PREFIX_NEUTRAL = frozenset({
     "peft_type", "task_type", "base_model_name_or_path", "revision", "inference_mode",
     "auto_mapping", "peft_version", "num_virtual_tokens", "token_dim", "num_attention_heads",
@@ -61,6 +68,8 @@ class PrefixConverter(PeftConverter):
 
     def to_peft(self, model: nn.Module, method: Method) -> PeftAdapter:
         assert isinstance(method, Prefix) and method.table is not None
+        if _compat.encoder_decoder_parts(model) is not None:
+            raise InteropError(f"this is an encoder-decoder prefix: {LAYOUTS}")
         config = method.config
         body, shape = _locate(model)
         kv = method.state_dict(model)[_KEY].detach()
@@ -82,8 +91,7 @@ class PrefixConverter(PeftConverter):
         check_supported(cfg, PREFIX_NEUTRAL, "prefix-tuning")
         if cfg.get("num_transformer_submodules", 1) != 1:
             raise InteropError(
-                "num_transformer_submodules=2 is an encoder-decoder prefix, which peftkit's "
-                "prefix-tuning does not support"
+                f"num_transformer_submodules=2 is an encoder-decoder prefix: {LAYOUTS}"
             )
         _, shape = _locate(model)
         length = int(cfg.get("num_virtual_tokens") or 0)

@@ -24,6 +24,7 @@ from ..._state import adapters
 from ...config import MethodConfig, check_finite_number, check_positive_int
 from ...registry import register_method
 from ..base import MergeReport, Method, apply_with
+from .discovery import locate_seq2seq
 from .injection import (
     TRANSFORMERS_RANGE,
     PrefixInjector,
@@ -32,6 +33,7 @@ from .injection import (
     located,
     supported_range,
 )
+from .seq2seq import EncoderDecoderInjector
 from .table import KVShape, PrefixTable
 
 __all__ = [
@@ -43,6 +45,7 @@ __all__ = [
     "UnsupportedModelError",
     "apply_prefix",
     "fold_prefix",
+    "grouped_sdpa",
     "supported_range",
 ]
 
@@ -132,7 +135,22 @@ class Prefix(Method):
 
     # -- lifecycle ---------------------------------------------------------------------------
     def inject(self, model: nn.Module) -> None:
-        body, shape, encoder = located(model)
+        seq2seq = _compat.encoder_decoder_parts(model) is not None
+        if seq2seq:
+            if self.config.init_token_ids is not None and not self.start_folded:
+                raise UnsupportedModelError(
+                    "init_token_ids computes one prefix from a forward of the tokens, which an "
+                    "encoder-decoder model's three attentions do not share; initialise the prefix "
+                    "randomly (init_token_ids=None)"
+                )
+            injector: PrefixInjector | EncoderDecoderInjector = EncoderDecoderInjector.install(
+                model
+            )
+            body = model
+            existing = [t for t in injector.tables.values() if isinstance(t, PrefixTable)]
+            shape = existing[0].shape if existing else locate_seq2seq(model)[1]
+        else:
+            body, shape, encoder = located(model)
         weight = next(body.parameters())
         mlp_hidden = None if self.start_folded else self.config.mlp_hidden
         table = PrefixTable(
@@ -147,7 +165,8 @@ class Prefix(Method):
         table.positions_after_prefix = self.config.positions_after_prefix
         if self.config.init_token_ids is not None and not self.start_folded:
             _init_from_tokens(body, table, self.config.init_token_ids)
-        injector = PrefixInjector.install(body, encoder)
+        if not seq2seq:
+            injector = PrefixInjector.install(body, encoder)
         injector.tables[self.adapter_name] = table
         self.table = table
         self.inject_saved_modules(model)
@@ -224,6 +243,30 @@ class Prefix(Method):
             return {}
         how = "plain" if self.table.folded else f"mlp {self.config.mlp_hidden}"
         return {"prefix": self.table.length, "table": how}
+
+
+def grouped_sdpa(model: nn.Module, enabled: bool = True) -> bool:
+    """Let a grouped-query model's SDPA attention keep its shared key/value heads under a mask.
+
+    With a prefix the queries and keys differ in length, so transformers passes an explicit mask,
+    and its SDPA path then repeats every key/value head once per query group before attention.
+    ``grouped_sdpa(model)`` switches the model to an attention registered through transformers'
+    public ``AttentionInterface`` that calls torch's SDPA with the mask and ``enable_gqa=True``
+    (same outputs within float rounding, no repeated heads); ``enabled=False`` switches back to
+    ``"sdpa"``. Only a model running ``"sdpa"`` is switched: eager and flash attention stay as they
+    are. Returns True when the model's attention changed.
+    """
+    current = _compat.attention_implementation(model)
+    target = _compat.register_grouped_sdpa() if enabled else "sdpa"
+    if current == target:
+        return False
+    if current not in ("sdpa", _compat.GROUPED_SDPA):
+        raise ValueError(
+            f"grouped_sdpa replaces transformers' 'sdpa' attention; this model runs {current!r}, "
+            "which it leaves alone. Load the model with attn_implementation='sdpa' to use it"
+        )
+    _compat.set_attention_implementation(model, target)
+    return True
 
 
 def __getattr__(name: str) -> Any:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import inspect
 import sys
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -26,7 +27,7 @@ from ... import _compat
 from ..._compat import UnsupportedModelError, check_transformers_version
 from .table import KVShape
 
-__all__ = ["find_body", "locate", "probe_shape"]
+__all__ = ["find_body", "locate", "locate_seq2seq", "probe_shape"]
 
 _INPUTS = ("input_ids", "inputs_embeds")
 WHAT_IT_NEEDS = (
@@ -162,3 +163,142 @@ def _shape_of(cache: Any, body: nn.Module, config: Any) -> KVShape:
     heads, head_dim = shapes[0]
     hidden = int(getattr(config, "hidden_size", None) or heads * head_dim)
     return KVShape(len(pairs), heads, head_dim, hidden)
+
+
+# -- encoder-decoder models ------------------------------------------------------------------
+@dataclass
+class Seq2SeqPlaces:
+    """Where an encoder-decoder model takes its prefix."""
+
+    encoder: nn.Module
+    attentions: list[nn.Module]  # the encoder's self-attention modules, in layer order
+    decoder: nn.Module
+    positions: nn.Module | None  # the decoder's learned position embedding, if it has one
+    decoder_layers: int
+
+    @property
+    def encoder_layers(self) -> int:
+        return len(self.attentions)
+
+
+def locate_seq2seq(model: nn.Module) -> tuple[Seq2SeqPlaces, KVShape]:
+    """The places of an encoder-decoder model and its cache shape (one probe forward)."""
+    name = type(model).__name__
+    check_transformers_version(_compat.transformers_version(), "prefix-tuning")
+    parts = _compat.encoder_decoder_parts(model)
+    if parts is None:
+        raise UnsupportedModelError(f"prefix-tuning: {name} is not an encoder-decoder model")
+    encoder, decoder = parts
+    params = signature_of(decoder)
+    if (
+        not any(n in params for n in _compat.CACHE_ARGUMENTS)
+        or "encoder_hidden_states" not in params
+    ):
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its decoder {type(decoder).__name__} takes no KV "
+            "cache together with encoder_hidden_states"
+        )
+    if "encoder_attention_mask" not in params or "attention_mask" not in params:
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its decoder {type(decoder).__name__} takes no "
+            "encoder_attention_mask (Whisper's decoder masks by its own rules), so the masks cannot "
+            "be extended over a prefix. Use LoRA or adapters"
+        )
+    attentions = _cache_taking(encoder)
+    if not attentions:
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: no attention module of its encoder "
+            f"{type(encoder).__name__} takes a cache argument, so there is no place for a prefix"
+        )
+    places = Seq2SeqPlaces(encoder, attentions, decoder, _compat.learned_positions(decoder), 0)
+    return places, _probe(model, places)
+
+
+def signature_of(module: nn.Module) -> dict[str, inspect.Parameter]:
+    try:
+        return dict(inspect.signature(module.forward).parameters)
+    except (TypeError, ValueError):
+        return {}
+
+
+def _cache_taking(encoder: nn.Module) -> list[nn.Module]:
+    """The innermost modules inside ``encoder`` whose forward takes a cache argument."""
+    found = [
+        m
+        for m in encoder.modules()
+        if m is not encoder and any(n in signature_of(m) for n in _compat.CACHE_ARGUMENTS)
+    ]
+    return [m for m in found if not any(o is not m and o in set(m.modules()) for o in found)]
+
+
+def _probe(model: nn.Module, places: Seq2SeqPlaces) -> KVShape:
+    """Run one forward with recording caches: every encoder attention must call ``update`` once,
+    and the decoder must fill both halves of an ``EncoderDecoderCache``."""
+    name = type(model).__name__
+    inputs = _probe_inputs(model)
+    recorders = [_compat.PrependingCache(None, None) for _ in places.attentions]
+    handles = [
+        attn.register_forward_pre_hook(
+            _passing(rec, _compat.cache_argument(attn)), with_kwargs=True
+        )
+        for attn, rec in zip(places.attentions, recorders, strict=True)
+    ]
+    cache = _compat.new_encoder_decoder_cache(places.decoder.config)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(**inputs, **{_compat.cache_argument(model): cache}, use_cache=True)
+    except (ValueError, TypeError, IndexError) as err:  # a RuntimeError (meta kernels) passes
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: one forward with an EncoderDecoderCache and a "
+            f"cache for each encoder attention failed ({type(err).__name__}: {err})"
+        ) from None
+    finally:
+        model.train(was_training)
+        for handle in handles:
+            handle.remove()
+    if any(len(r.calls) != 1 for r in recorders):
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its encoder attention modules did not each put "
+            "their keys and values through the cache they were given"
+        )
+    own = _compat.cached_keys_values(cache.self_attention_cache)
+    cross = _compat.cached_keys_values(cache.cross_attention_cache)
+    if not own or len(own) != len(cross):
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its decoder filled {len(own)} self-attention and "
+            f"{len(cross)} cross-attention cache layers"
+        )
+    places.decoder_layers = len(own)
+    shapes = {(c[1], c[3]) for c in [r.calls[0] for r in recorders]}
+    shapes |= {(int(k.shape[1]), int(k.shape[3])) for k, _ in own + cross}
+    if len(shapes) != 1:
+        raise UnsupportedModelError(
+            f"prefix-tuning cannot handle {name}: its attention layers hold keys of different "
+            f"shapes (heads, head_dim) {sorted(shapes)}; a prefix table holds one shape"
+        )
+    heads, head_dim = shapes.pop()
+    width = getattr(model.config, "d_model", None) or getattr(model.config, "hidden_size", None)
+    layers = places.encoder_layers + 2 * places.decoder_layers
+    return KVShape(layers, heads, head_dim, int(width or heads * head_dim))
+
+
+def _probe_inputs(model: nn.Module) -> dict[str, Any]:
+    device = next(model.parameters()).device
+    start = getattr(model.config, "decoder_start_token_id", None) or 0
+    return {
+        "input_ids": torch.zeros(1, 2, dtype=torch.long, device=device),
+        "decoder_input_ids": torch.full((1, 1), int(start), device=device),
+    }
+
+
+def _passing(cache: Any, argument: str) -> Any:
+    def hook(
+        module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        for other in _compat.CACHE_ARGUMENTS:
+            kwargs.pop(other, None)
+        return args, {**kwargs, argument: cache}
+
+    return hook

@@ -29,6 +29,7 @@ from ... import _compat
 from ..._compat import UnsupportedModelError, check_transformers_version
 from ...layers import AdapterModule
 from .discovery import locate
+from .seq2seq import EncoderDecoderInjector
 from .table import KVShape, PrefixTable
 
 # re-exported: UnsupportedModelError and check_transformers_version from _compat, locate
@@ -52,11 +53,13 @@ def supported_range() -> str:
     return _compat.transformers_window()
 
 
-def injector_of(model: nn.Module) -> tuple[nn.Module, PrefixInjector] | None:
+def injector_of(
+    model: nn.Module,
+) -> tuple[nn.Module, PrefixInjector | EncoderDecoderInjector] | None:
     """The body that holds ``model``'s prefix injector, and the injector; None without one."""
     for module in model.modules():
         found = module._modules.get(ATTR)
-        if isinstance(found, PrefixInjector):
+        if isinstance(found, PrefixInjector | EncoderDecoderInjector):
             return module, found
     return None
 
