@@ -62,7 +62,11 @@ class AdaLoraConfig(TargetedConfig):
     beta2: float = 0.85
     orth_reg_weight: float = 0.1
 
-    train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(lr=1e-3, why="TODO")
+    # λ starts at zero and each triplet's update is λᵢ pᵢ qᵢᵀ with unit-norm pᵢ, qᵢ: at LoRA's lr
+    # it grows far slower than B A does (SST-2, MiniLM, 200 steps: 78.6% at 1e-3, 82.2% at 5e-3).
+    train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(
+        lr=5e-3, why="lambda starts at zero and scales unit-norm P, Q columns: 5x LoRA's rate"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
