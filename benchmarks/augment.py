@@ -134,7 +134,7 @@ def run(
         params,
         stream(train, tokenizer, 32 if steps > 2 else 8, seed, aug),
         steps,
-        quality.DEFAULT_LR,
+        quality.method_lr("lora"),
     )
     return quality.accuracy(model, tokenizer, data.dev)
 
