@@ -162,7 +162,7 @@ def study(args: argparse.Namespace, tokenizer: Any, template: Any, data: quality
             print(f"    dev accuracy {100 * accs[-1]:.2f}%", file=sys.stderr, flush=True)
         rows.append([f"{n:,}", label, quality.mean_spread(accs)])
     print(
-        f"\nLoRA, {args.steps} steps x 32, lr {quality.DEFAULT_LR:g}, {args.seeds} seeds; "
+        f"\nLoRA, {args.steps} steps x 32, lr {quality.method_lr('lora'):g}, {args.seeds} seeds; "
         "dev accuracy mean ± sd (min–max)\n"
     )
     print(common.markdown_table(["train sentences", "augmentation", "dev accuracy"], rows))
