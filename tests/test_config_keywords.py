@@ -253,9 +253,11 @@ def test_the_defaults_the_coming_from_peft_page_compares_are_the_code_s() -> Non
         0.0,
         "kaiming",
     )
-    assert (ada.alpha, ada.delta_t, ada.orth_reg_weight, ada.init_r, ada.target_r) == (
+    assert (ada.t_init, ada.t_final, ada.delta_t) == (None, None, None)
+    ada = AdaLoraConfig(total_steps=200)  # None: 1/8, 1/4 and 1/20 of the run
+    assert (ada.warmup_steps, ada.final_steps, ada.mask_every) == (25, 50, 10)
+    assert (ada.alpha, ada.orth_reg_weight, ada.init_r, ada.target_r) == (
         16.0,
-        10,
         0.1,
         12,
         8,

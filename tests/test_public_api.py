@@ -33,6 +33,7 @@ PUBLIC: dict[str, list[str]] = {
         "TargetError",
         "TargetedConfig",
         "TrainConfig",
+        "TrainDefaults",
         "TrainResult",
         "TrainableSummary",
         "Trainer",

@@ -12,7 +12,7 @@ from . import interop as _interop  # noqa: F401  (registers load_adapter's peft 
 from ._version import __version__
 from .checkpoint import CheckpointError, load_adapter, save_adapter
 from .compose import combine_lora, compose, ensemble
-from .config import ALL_LINEAR, MethodConfig, TargetedConfig
+from .config import ALL_LINEAR, MethodConfig, TargetedConfig, TrainDefaults
 from .core import (
     active_adapters,
     adapter_state_dict,
@@ -67,6 +67,7 @@ __all__ = [
     "TargetError",
     "TargetedConfig",
     "TrainConfig",
+    "TrainDefaults",
     "TrainResult",
     "TrainableSummary",
     "Trainer",

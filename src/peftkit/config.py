@@ -69,6 +69,21 @@ def check_adapter_dtype(value: object) -> None:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrainDefaults:
+    """The training settings a method is known to want: what the Trainer uses for a
+    ``TrainConfig`` field the user left unset (``None``).
+
+    lr: the peak learning rate (AdamW, after warm-up).  why: where it comes from, in one line.
+    """
+
+    lr: float
+    why: str = ""
+
+    def __post_init__(self) -> None:
+        check_finite_number("lr", self.lr, positive=True)
+
+
+@dataclass(frozen=True, kw_only=True)
 class MethodConfig:
     """Fields every method shares.
 
@@ -85,6 +100,9 @@ class MethodConfig:
     train_head: bool | None = None
 
     method: ClassVar[str] = ""  # filled in by ``register_method``
+    # The lr (and any other training setting) this method is known to want; None: it declares
+    # none, and the Trainer falls back to training.defaults.FALLBACK_LR.
+    train_defaults: ClassVar[TrainDefaults | None] = None
     # Keys a config written by an older version lacks, with the value that reproduces what that
     # version did (before train_head existed no head trained unless listed in modules_to_save).
     absent_means: ClassVar[dict[str, Any]] = {"train_head": False}

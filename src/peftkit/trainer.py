@@ -18,7 +18,9 @@ JSONL log, and DDP or FSDP2 under torchrun. See docs/trainer.md.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
+import sys
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
@@ -31,7 +33,7 @@ from torch import nn
 from . import _sharding
 from .core import regularizer, step_hooks
 from .losses.adversarial import EmbeddingAttack
-from .training import checks, distributed, evaluation, resume
+from .training import checks, defaults, distributed, evaluation, resume
 from .training import data as D
 from .training import state as S
 from .training.config import TrainConfig
@@ -51,6 +53,8 @@ from .training.tasks import TaskLoss
 LossFn = Callable[[nn.Module, Any], torch.Tensor]
 Penalty = Callable[[nn.Module], torch.Tensor]
 Metrics = Callable[[torch.Tensor, torch.Tensor], Mapping[str, float]]
+
+_log = logging.getLogger("peftkit.trainer")
 
 
 class Trainer:
@@ -78,7 +82,9 @@ class Trainer:
         regularizers: Sequence[Penalty] = (),
         collate_fn: Callable[[list[Any]], Any] | None = None,
     ) -> None:
-        self.config = config if config is not None else TrainConfig()
+        # What the user asked for; ``config`` is it with the methods' defaults filled in (by fit).
+        self.requested = config if config is not None else TrainConfig()
+        self.config = self.requested
         self.raw = model
         self.model: nn.Module = model  # what is called: the model, or its DDP / compiled wrapper
         self.loss_fn: LossFn = loss_fn if loss_fn is not None else TaskLoss(self.config.task)
@@ -220,6 +226,7 @@ class Trainer:
         """
         if self.config.patience is not None and eval_data is None:
             raise ValueError("early stopping (patience) needs eval_data")
+        self._fill_defaults()
         checks.check_eval_data(self.config, eval_data)
         checks.check_output_dir(self.run_dir.path)
         spec, total = self._plan(train_data)
@@ -246,6 +253,16 @@ class Trainer:
         self._finish()
         p = self.progress
         return TrainResult(p.step, p.epoch, p.best_metric, p.best_step, stopped, dict(self.metrics))
+
+    def _fill_defaults(self) -> None:
+        """``config``: the requested one with what it leaves unset (lr) taken from the model's
+        methods; said once on the main process (logged, and on stderr unless progress=False)."""
+        self.config, line = defaults.resolve(self.raw, self.requested)
+        if line is None or not self.dist.main:
+            return
+        _log.info(line)
+        if self.config.progress:
+            print(line, file=sys.stderr, flush=True)
 
     def _plan(self, train_data: Any) -> tuple[D.LoaderSpec | None, int]:
         """How the data is read, and the run's length in optimiser steps."""

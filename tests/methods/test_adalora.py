@@ -121,6 +121,31 @@ def test_masks_follow_the_schedule_and_freeze_at_the_end() -> None:
     assert method.frozen and method._importance is None  # final phase: no per-step work left
 
 
+def test_schedule_left_unset_is_a_fraction_of_the_run() -> None:
+    """t_init / t_final / delta_t None: T/8, T/4, T/20 (rounded down, delta_t at least 1), the same
+    masks as those steps given explicitly; an explicit value (0 included) wins."""
+    cfg = AdaLoraConfig(total_steps=200)
+    assert (cfg.warmup_steps, cfg.final_steps, cfg.mask_every) == (25, 50, 10)
+    assert (cfg.t_init, cfg.t_final, cfg.delta_t) == (None, None, None)  # the fields stay unset
+    tiny = AdaLoraConfig(total_steps=7)
+    assert (tiny.warmup_steps, tiny.final_steps, tiny.mask_every) == (0, 1, 1)
+    given = AdaLoraConfig(total_steps=200, t_init=0, t_final=0, delta_t=3)
+    assert (given.warmup_steps, given.final_steps, given.mask_every) == (0, 0, 3)
+    ranks = []
+    for fields in ({}, {"t_init": 5, "t_final": 10, "delta_t": 2}):
+        torch.manual_seed(0)
+        model = TinyTransformer()
+        apply_adalora(model, init_r=4, target_r=2, total_steps=40, **fields)  # type: ignore[arg-type]
+        seen = []
+        for step in range(40):
+            _synthetic_grads(model, step)
+            peftkit.step_hooks(model, step)
+            seen.append(sum(rank_pattern(model).values()))
+        ranks.append(seen)
+    assert ranks[0] == ranks[1]
+    assert ranks[0][4] == 48 and ranks[0][6] < 48 and ranks[0][29] == 24  # warm-up, shrink, final
+
+
 def test_after_total_steps_exactly_the_target_budget_of_lambdas_is_nonzero() -> None:
     torch.manual_seed(0)
     model = TinyTransformer()
@@ -549,7 +574,8 @@ def test_importance_state_follows_a_dtype_change() -> None:
         ({"init_r": 0}, "init_r must be a positive integer"),
         ({"total_steps": 0}, "total_steps must be a positive integer"),
         ({"t_init": 6, "t_final": 4}, "t_init \\+ t_final = 10 .* total_steps=10; lower"),
-        ({"t_init": -1}, "t_init must be a non-negative"),
+        ({"t_init": -1}, "t_init must be a non-negative number of steps \\(or None"),
+        ({"t_final": 9}, "t_init \\+ t_final = 10 leaves"),  # t_init None: 10 // 8 = 1
         ({"delta_t": 0}, "delta_t must be a positive integer"),
         ({"beta1": 1.0}, "beta1 must be in \\(0, 1\\)"),
         ({"beta2": 0.0}, "beta2 must be in \\(0, 1\\)"),

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -26,6 +26,7 @@ from .. import quant
 from ..config import (
     MethodConfig,
     TargetedConfig,
+    TrainDefaults,
     _check_patterns,
     check_adapter_dtype,
     check_finite_number,
@@ -87,6 +88,10 @@ class AdapterConfig(MethodConfig):
     layers: Sequence[int] | None = None
     layers_pattern: str | None = None
     adapter_dtype: Literal["auto", "base"] = "auto"
+
+    train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(
+        lr=1e-3, why="a fresh bottleneck next to a pretrained stream: the rate LoRA wants"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

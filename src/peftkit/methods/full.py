@@ -15,13 +15,13 @@ from __future__ import annotations
 import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .._state import adapters
-from ..config import MethodConfig, _check_patterns, check_positive_int
+from ..config import MethodConfig, TrainDefaults, _check_patterns, check_positive_int
 from ..layers import AdapterLayer, SavedModule
 from ..registry import register_method
 from ..targeting import (
@@ -56,6 +56,10 @@ class FullConfig(MethodConfig):
     exclude: Sequence[str] = ()
     layers_pattern: str | None = None
     keep_original: bool = True
+
+    train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(
+        lr=5e-5, why="every pretrained weight moves: BERT's fine-tuning range (2e-5 to 5e-5)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

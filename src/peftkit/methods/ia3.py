@@ -13,13 +13,13 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
 from .. import quant
-from ..config import TargetedConfig, check_pattern
+from ..config import TargetedConfig, TrainDefaults, check_pattern
 from ..layers import AdapterLayer, cast_like
 from ..registry import register_method
 from ..targeting import check_patterns_match, first_match, is_conv1d, linear_features
@@ -38,6 +38,10 @@ class IA3Config(TargetedConfig):
     """
 
     feedforward: Sequence[str] = ()
+
+    train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(
+        lr=3e-3, why="scaling vectors start at one and need to move by tenths: T-Few's 3e-3"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +20,7 @@ from torch import nn
 
 from ..config import (
     TargetedConfig,
+    TrainDefaults,
     check_finite_number,
     check_pattern,
     check_positive_int,
@@ -51,6 +52,11 @@ class LoraConfig(TargetedConfig):
     init: Init = "kaiming"
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+
+    train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(
+        lr=1e-3,
+        why="B starts at zero, so the update grows from nothing: 20x full fine-tuning's rate",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

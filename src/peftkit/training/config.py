@@ -69,10 +69,11 @@ class TrainConfig:
         ``batch_size`` applies when ``fit`` gets a Dataset (a DataLoader keeps its own);
         ``grad_accum`` micro-batches make one optimiser step.
     Optimiser: ``"adamw"`` (decoupled ``weight_decay`` on matrices only: never biases or norm
-        weights), ``"sgd"`` (``momentum``) or ``"adafactor"``; ``lr`` follows ``schedule``
-        (``"constant"``, ``"linear"`` or ``"cosine"`` decay to ``min_lr_ratio * lr``) after
-        ``warmup_steps`` (or ``warmup_ratio`` of the run) of linear warm-up. Gradients are clipped
-        to ``max_grad_norm`` (None: no clipping).
+        weights), ``"sgd"`` (``momentum``) or ``"adafactor"``; ``lr`` (None: the default the
+        model's methods declare, chosen when ``fit`` starts and said once on stderr; see
+        docs/trainer.md) follows ``schedule`` (``"constant"``, ``"linear"`` or ``"cosine"`` decay
+        to ``min_lr_ratio * lr``) after ``warmup_steps`` (or ``warmup_ratio`` of the run) of
+        linear warm-up. Gradients are clipped to ``max_grad_norm`` (None: no clipping).
     Numerics: ``precision`` ``"bf16"`` autocasts (CPU and CUDA); ``"fp16"`` autocasts with a gradient
         scaler (CUDA only). ``gradient_checkpointing`` for HF models; ``compile`` wraps the model
         in ``torch.compile``. A non-finite loss raises (``on_nonfinite="error"``) or skips the step.
@@ -99,7 +100,7 @@ class TrainConfig:
     grad_accum: int = 1
 
     optimizer: OptimizerName = "adamw"
-    lr: float = 1e-4
+    lr: float | None = None
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
@@ -177,7 +178,8 @@ class TrainConfig:
                 check_positive_int(name, getattr(self, name))
 
     def _check_optimizer(self) -> None:
-        check_finite_number("lr", self.lr, positive=True)
+        if self.lr is not None:
+            check_finite_number("lr", self.lr, positive=True)
         check_finite_number("eps", self.eps, positive=True)
         for name in ("weight_decay", "momentum", "min_lr_ratio", "warmup_ratio"):
             check_finite_number(name, getattr(self, name))

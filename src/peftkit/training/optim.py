@@ -79,16 +79,23 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
-    """The configured optimiser over ``parameters_to_train(model)``."""
+    """The configured optimiser over ``parameters_to_train(model)``. ``config.lr`` must be set
+    (the Trainer fills an unset one from the model's methods first: ``training.defaults``)."""
+    if config.lr is None:
+        raise ValueError(
+            "build_optimizer needs TrainConfig.lr; fill it with "
+            "peftkit.training.defaults.resolve(model, config) or pass lr=..."
+        )
+    lr = config.lr
     groups = param_groups(model, parameters_to_train(model), config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=config.lr, betas=config.betas, eps=config.eps)
+        return torch.optim.AdamW(groups, lr=lr, betas=config.betas, eps=config.eps)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=config.lr, momentum=config.momentum)
+        return torch.optim.SGD(groups, lr=lr, momentum=config.momentum)
     adafactor = getattr(torch.optim, "Adafactor", None)
     if adafactor is None:
         raise ValueError("optimizer='adafactor' needs torch >= 2.5; upgrade torch or use 'adamw'")
-    optimizer: torch.optim.Optimizer = adafactor(groups, lr=config.lr)
+    optimizer: torch.optim.Optimizer = adafactor(groups, lr=lr)
     return optimizer
 
 
