@@ -18,7 +18,7 @@ from torch import nn
 from torch.func import functional_call
 
 from ..layers import AdapterLayer, MergeRecord, cast_like, next_merge_order, wide
-from .lora import Init, LoraLayer
+from .lora_layers import Init, LoraLayer
 
 
 def _conv_delta(layer: LoraLayer) -> torch.Tensor:
