@@ -41,6 +41,9 @@ class LoraConfig(TargetedConfig):
     init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
     rank_pattern / alpha_pattern: per-module overrides, keyed by target patterns
         (name suffix or ``re:<regex>``), e.g. ``rank_pattern={"o_proj": 16}``.
+    dora: DoRA (Liu et al., 2024): the updated weight is renormalised per output feature and
+        scaled by a trained magnitude, W' = m ⊙ (W + s B A) / ‖W + s B A‖ (see ``methods.dora``).
+        Linear, transformers' Conv1D and Conv2d only.
     """
 
     r: int = 8
@@ -50,6 +53,7 @@ class LoraConfig(TargetedConfig):
     init: Init = "kaiming"
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    dora: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -58,8 +62,9 @@ class LoraConfig(TargetedConfig):
         check_probability("dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
+        for flag in ("rslora", "dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, field_name)
             if not isinstance(value, Mapping):
@@ -287,6 +292,10 @@ class Lora(SwapMethod):
             kind = LoraEmbedding
         elif isinstance(inner, nn.Conv2d):
             kind = LoraConv2d
+        if cfg.dora:
+            from .dora import dora_kind  # dora.py builds on this module's layers
+
+            kind = dora_kind(module, path)
         return kind(
             module,
             self.adapter_name,
