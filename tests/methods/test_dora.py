@@ -17,7 +17,6 @@ import peftkit
 from peftkit import LoraConfig, apply_lora
 from peftkit.methods.dora import DoraConv2d, DoraLinear, row_norms
 from peftkit.methods.lora import LoraLinear
-
 from quant_backends import quanto_int8
 
 
