@@ -226,6 +226,8 @@ def test_embeddings_and_quantized_bases_are_refused() -> None:
 def test_config_and_combine_refusals() -> None:
     with pytest.raises(ValueError, match=r"dora must be True or False, got 'yes'"):
         LoraConfig(dora="yes")  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match=r"peftkit calls it dora= \(did you mean dora=True\?\)"):
+        LoraConfig(use_dora=True)  # type: ignore[call-arg]
     model = Holder(nn.Linear(12, 7))
     apply_lora(model, r=2, targets=["inner"], dora=True, adapter_name="a")
     apply_lora(model, r=2, targets=["inner"], adapter_name="b")
