@@ -233,3 +233,29 @@ def test_config_and_combine_refusals() -> None:
     apply_lora(model, r=2, targets=["inner"], adapter_name="b")
     with pytest.raises(TypeError, match=r"'a' is DoRA \(dora=True\)"):
         peftkit.combine_lora(model, {"a": 0.5, "b": 0.5}, "ab")
+
+
+def _saved_bytes(model: nn.Module, x: torch.Tensor) -> int:
+    """Bytes of the distinct tensors autograd keeps for backward during ``model(x)``."""
+    seen: dict[tuple[int, tuple[int, ...]], int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        seen[(t.data_ptr(), tuple(t.shape))] = t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model(x)
+    return sum(seen.values())
+
+
+def test_backward_keeps_one_output_sized_tensor_more_than_lora() -> None:
+    torch.manual_seed(0)
+    x = torch.randn(4, 64, 96, requires_grad=True)
+    kept = {}
+    for dora in (False, True):
+        model = Holder(nn.Linear(96, 80))
+        apply_lora(model, r=4, targets=["inner"], dora=dora)
+        kept[dora] = _saved_bytes(model, x)
+    output = 4 * 64 * 80 * 4  # (tokens, out) in float32
+    extra = kept[True] - kept[False]
+    assert output <= extra <= output + 4 * 80 * 4  # and a few (out,) vectors; nothing (out, in)
