@@ -259,3 +259,17 @@ def test_backward_keeps_one_output_sized_tensor_more_than_lora() -> None:
     output = 4 * 64 * 80 * 4  # (tokens, out) in float32
     extra = kept[True] - kept[False]
     assert output <= extra <= output + 4 * 80 * 4  # and a few (out,) vectors; nothing (out, in)
+
+
+def test_a_plain_state_dict_folds_lora_over_dora() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    plain = nn.Sequential(nn.Linear(6, 5), nn.ReLU(), nn.Linear(5, 4)).double()
+    apply_lora(model, r=2, targets=["0", "2"], dora=True, adapter_name="a")
+    apply_lora(model, r=2, targets=["2"], adapter_name="b")
+    with torch.no_grad():
+        for p in peftkit.trainable_parameters(model):
+            p.add_(torch.randn_like(p) * 0.3)
+        plain.load_state_dict(peftkit.plain_state_dict(model))
+        x = torch.randn(3, 6, dtype=torch.float64)
+        torch.testing.assert_close(plain(x), model(x), rtol=0, atol=1e-12)

@@ -332,7 +332,8 @@ def merge_blocker(layer: AdapterLayer, tied: set[int], *, below_folded: bool = F
     while isinstance(inner, AdapterLayer):
         if isinstance(inner, SavedModule):  # it computes with its trained copy, not this weight
             return "sits outside a module trained in full (modules_to_save); it stays as a layer"
-        if not inner.additive and not inner.merged:
+        # folded first (a plain state dict), it leaves a weight this layer adds to as usual
+        if not inner.additive and not inner.merged and not below_folded:
             return f"sits outside a non-linear {type(inner).__name__}; merging would change outputs"
         # folded, a transform of the output would act on W only, not on what ``inner`` adds
         if not layer.additive and inner.enabled and not below_folded:
