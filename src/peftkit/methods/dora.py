@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import quant
-from ..layers import AdapterLayer, cast_like, wide
+from ..layers import AdapterLayer, SavedModule, cast_like, wide
 from ..targeting import is_conv1d
 from .lora import Init, LoraConv2d, LoraLayer, LoraLinear, _add_scaled, _base_rows
 
@@ -33,7 +33,7 @@ def dora_kind(module: nn.Module, path: str) -> type[LoraLayer]:
     or a ``ValueError`` naming the way out."""
     inner = module
     while isinstance(inner, AdapterLayer):
-        if not inner.mergeable:
+        if not inner.mergeable or isinstance(inner, SavedModule):  # neither has such a weight
             raise ValueError(
                 f"DoRA (dora=True) at {path!r} normalises the weight the layers below compute "
                 f"with, but the {type(inner).__name__} of adapter {inner.adapter_name!r} there has "
