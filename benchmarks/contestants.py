@@ -3,7 +3,8 @@
 A contestant is named by a key that a fresh child process can rebuild from: ``floor``,
 ``peftkit:<method>``, ``torch:full`` (plain full fine-tuning, used while no method named ``full`` is
 registered) and ``peft:<method>``. peftkit contestants come from the registry, so a newly registered
-method shows up without edits here. peft contestants pair with peftkit's by registry name:
+method shows up without edits here; ``VARIANTS`` adds forms of a registered method under their own
+name (``dora``: LoRA with ``dora=True``). peft contestants pair with peftkit's by that name:
 ``PEFT_TWINS`` maps a name to a function that builds peft's config for the same setup, reading
 peftkit's demo config for that name when the method is registered.
 """
@@ -70,7 +71,14 @@ def _torch_full(model: nn.Module, total_steps: int) -> Prepared:
 
 
 # -- peftkit ---------------------------------------------------------------------------------------
+# name -> (registered method, fields changed on its demo config)
+VARIANTS: dict[str, tuple[str, dict[str, Any]]] = {"dora": ("lora", {"dora": True})}
+
+
 def demo_config(method: str, total_steps: int) -> peftkit.MethodConfig:
+    if method in VARIANTS:
+        base, changes = VARIANTS[method]
+        return dataclasses.replace(demo_config(base, total_steps), **changes)
     return spec(method).method_cls.demo_config(total_steps)
 
 
@@ -182,6 +190,7 @@ def peft_prefix_config(total_steps: int) -> Any:
 
 PEFT_TWINS: dict[str, Callable[[int], Any]] = {
     "lora": peft_lora_config,
+    "dora": lambda total_steps: peft_lora_config(total_steps, use_dora=True),
     "adalora": peft_adalora_config,
     "prefix": peft_prefix_config,
 }
@@ -223,7 +232,7 @@ def lineup(vs_peft: bool, extras: bool = False) -> list[Contestant]:
     then peft's twins when asked for and installed. ``extras`` adds variants run only when named
     with ``--only`` (the prefix with ``grouped_sdpa``)."""
     out = [Contestant(FLOOR, "floor (frozen base)", "floor", "", _floor)]
-    for name in peftkit.methods():
+    for name in [*peftkit.methods(), *VARIANTS]:
         out.append(Contestant(f"peftkit:{name}", name, "peftkit", name, _peftkit(name)))
     if extras and "prefix" in peftkit.methods():
         label, prepare = "prefix, grouped_sdpa", _peftkit("prefix", grouped=True)

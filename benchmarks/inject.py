@@ -25,7 +25,7 @@ from typing import Any
 
 import common
 import torch
-from contestants import PEFT_TWINS, demo_config
+from contestants import PEFT_TWINS, VARIANTS, demo_config
 from torch import nn
 
 import peftkit
@@ -53,7 +53,7 @@ def meta_model(shape: dict[str, int]) -> nn.Module:
 def injectors(vs_peft: bool) -> dict[str, Callable[[nn.Module], object]]:
     """Name -> a function that injects into a fresh model: every registered method, peft's twins."""
     out: dict[str, Callable[[nn.Module], object]] = {}
-    for name in peftkit.methods():
+    for name in [*peftkit.methods(), *VARIANTS]:
         config = demo_config(name, total_steps=1000)
         out[f"peftkit {name}"] = lambda model, config=config: peftkit.apply(model, config)
     if vs_peft:

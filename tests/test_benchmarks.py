@@ -50,6 +50,7 @@ def test_compare_smoke_reports_every_method_against_the_floor(tmp_path: Path) ->
     rows = {r["key"]: r for r in report["rows"]}
     assert next(iter(rows)) == "floor"
     assert {f"peftkit:{m}" for m in BUILTIN} <= rows.keys()
+    assert "peftkit:dora" in rows and ("peft:dora" in rows) == HAS_PEFT  # LoRA with dora=True
     assert ("torch:full" in rows) == ("full" not in BUILTIN)
     floor = rows["floor"]
     assert (

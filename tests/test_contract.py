@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -44,6 +45,7 @@ FULL_CONFIGS: dict[str, Callable[[Case], FullConfig]] = {
 
 CONTRACT_CONFIGS: dict[str, Callable[[Case], MethodConfig]] = {
     "lora": lambda case: LoraConfig(r=4, alpha=8, modules_to_save=case.head),
+    "dora": lambda case: LoraConfig(r=4, alpha=8, dora=True, modules_to_save=case.head),
     "adalora": lambda case: AdaLoraConfig(
         init_r=4, target_r=2, total_steps=10, t_init=2, t_final=2, modules_to_save=case.head
     ),
@@ -74,13 +76,21 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
 }
 
 BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startswith("peftkit.")]
-PAIRS = [(m, c) for m in BUILTIN for c in CASES if (m, c) not in UNSUPPORTED]
+# Forms of a registered method that compute something else, each with its own contract config.
+VARIANTS = {"dora": "lora"}
+CONTRACTED = BUILTIN + list(VARIANTS)
+PAIRS = [(m, c) for m in CONTRACTED for c in CASES if (m, c) not in UNSUPPORTED]
+
+
+def method_spec(name: str) -> Any:
+    """The registry entry of a contract name (a variant's is its method's)."""
+    return spec(VARIANTS.get(name, name))
 
 
 def test_every_builtin_method_has_a_contract_config() -> None:
     missing = [m for m in BUILTIN if m not in CONTRACT_CONFIGS]
     assert not missing, f"add contract configs for {missing}"
-    stale = [pair for pair in UNSUPPORTED if pair[0] not in BUILTIN or pair[1] not in CASES]
+    stale = [pair for pair in UNSUPPORTED if pair[0] not in CONTRACTED or pair[1] not in CASES]
     assert not stale, f"UNSUPPORTED names unknown methods or models: {stale}"
 
 
@@ -112,7 +122,7 @@ def test_injection_keeps_output_where_method_starts_at_zero(method: str, case_na
         before = case.output(model)
         peftkit.apply(model, config)
         after = case.output(model)
-    if spec(method).method_cls.starts_at_identity:
+    if method_spec(method).method_cls.starts_at_identity:
         torch.testing.assert_close(after, before, rtol=0, atol=1e-6)
 
 
@@ -142,7 +152,7 @@ def test_save_then_load_on_fresh_base_gives_identical_outputs(
         torch.testing.assert_close(case.output(fresh), expected, rtol=0, atol=0)
     stored = peftkit.checkpoint.read_checkpoint(tmp_path)[1]
     assert stored.keys() == peftkit.adapter_state_dict(model).keys()
-    if not spec(method).method_cls.trains_base_in_place:
+    if not method_spec(method).method_cls.trains_base_in_place:
         base_keys = set(case.build().state_dict())
         assert not any(k.split(".", 1)[1] in base_keys for k in stored), "base weights were saved"
     else:  # only the base tensors it trains

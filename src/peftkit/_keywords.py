@@ -103,7 +103,7 @@ PEFT_NAMES: Mapping[str, PeftName] = {
         "adapter that trains them in place: peftkit.apply_full(model, biases_only=True, "
         "adapter_name='bias')",
     ),
-    "use_dora": PeftName(note="peftkit has no DoRA; LoraConfig is plain LoRA (or rsLoRA)"),
+    "use_dora": PeftName(("dora",)),
     "lora_bias": PeftName(note="peftkit's LoRA has no trained bias on B"),
     # AdaLoRA's schedule
     "total_step": PeftName(("total_steps",)),

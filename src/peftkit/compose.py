@@ -102,6 +102,11 @@ def _lora_sources(model: nn.Module, weights: Mapping[str, float]) -> list[tuple[
         method = present[name]
         if type(method) is not Lora:  # a subclass (AdaLoRA) may compute its update differently
             raise TypeError(f"combine_lora combines LoRA adapters; {name!r} is {method.name!r}")
+        if method.config.dora:  # its weight is renormalised: no sum of B A terms describes it
+            raise TypeError(
+                f"combine_lora combines plain LoRA adapters; {name!r} is DoRA (dora=True), whose "
+                "update is not a sum of low-rank products"
+            )
         saved = [layer.path for layer in method.layers if isinstance(layer, SavedModule)]
         if saved:
             raise ValueError(

@@ -262,7 +262,8 @@ class AdapterLayer(nn.Module):
         """Why ``outer``, a layer further out in this layer's stack, cannot fold into the base
         weight because of this layer, or None. By default a layer that transforms its base's
         output (not additive) and is not merged itself stands in the way."""
-        if not self.additive and not self.merged:
+        # folded first (a plain state dict folds whole stacks), it leaves a weight ``outer`` adds to
+        if not self.additive and not self.merged and not ctx.below_folded:
             return f"sits outside a non-linear {type(self).__name__}; merging would change outputs"
         return None
 

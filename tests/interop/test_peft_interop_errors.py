@@ -32,8 +32,14 @@ def _peft_lora(tmp_path: Path, case: str = "llama", **fields: Any) -> Path:
 
 
 # -- import ------------------------------------------------------------------------------------
-def test_dora_is_refused(tmp_path: Path) -> None:
-    assert_import_refused(_peft_lora(tmp_path, use_dora=True), r"DoRA \(use_dora=True\)")
+def test_dora_magnitudes_without_use_dora_are_refused(tmp_path: Path) -> None:
+    path = _peft_lora(tmp_path, use_dora=True)
+    edit_config(path, use_dora=False)
+    assert_import_refused(
+        path,
+        r"model\.layers\.0\.self_attn\.q_proj: the adapter has a lora_magnitude_vector but the "
+        r"config says use_dora=False",
+    )
 
 
 def test_trained_base_bias_is_refused(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 Tensors: ``base_model.model.<path>.lora_A.weight`` / ``lora_B.weight`` for Linear, GPT-2 Conv1D and
 Conv2d (same shapes as peftkit's factors), ``<path>.lora_embedding_A`` / ``lora_embedding_B`` for
-embeddings, and ``<path>.<name>`` for each tensor of a ``modules_to_save`` copy. The scale is
+embeddings, ``<path>.lora_magnitude_vector`` for DoRA's magnitude (``use_dora``; (out,), Conv2d
+(1, out, 1, 1)), and ``<path>.<name>`` for each tensor of a ``modules_to_save`` copy. The scale is
 ``lora_alpha / r`` (``/ sqrt(r)`` with ``use_rslora``), per module through ``rank_pattern`` and
 ``alpha_pattern``, whose keys peft matches as regular expressions after a dot.
 
@@ -45,14 +46,16 @@ _FACTORS = {
     "lora_B.weight": "lora_B",
     "lora_embedding_A": "lora_A",
     "lora_embedding_B": "lora_B",
+    "lora_magnitude_vector": "lora_magnitude",
 }
 # peft keeps an nn.MultiheadAttention's out-projection factors on a LoRA layer it puts at
 # ``<attention>.base_layer.out_proj`` (the in-projection's stand on the attention module itself).
 OUT_PROJ = "base_layer.out_proj"
 _EXPORTABLE = (LoraLinear, LoraEmbedding, LoraConv2d, LoraConv1d, LoraMultiheadAttention)
+MAGNITUDE_KEY = "lora_magnitude_vector"
 # peft options that change what the adapter computes and that peftkit cannot represent.
 REFUSED = {
-    "use_dora": "DoRA (use_dora=True)",
+    "use_dora": "DoRA (use_dora=True)",  # LoRA reads it; the other methods refuse it
     "lora_bias": "a trained bias on lora_B (lora_bias=True)",
     "layer_replication": "layer replication (it duplicates base layers)",
     "trainable_token_indices": "trainable token embeddings (trainable_token_indices)",
@@ -99,13 +102,15 @@ class LoraConverter(PeftConverter):
 
     def from_peft(self, model: nn.Module, adapter: PeftAdapter) -> Converted:
         cfg = adapter.config
-        check_supported(cfg)
+        check_supported({k: v for k, v in cfg.items() if k != "use_dora"})
+        dora = bool(cfg.get("use_dora", False))
         modules = dict(iter_modules(model))
         found, rest = _split_tensors(adapter.tensors)
         r, alpha = cfg.get("r", PEFT_DEFAULT_R), cfg.get("lora_alpha", PEFT_DEFAULT_ALPHA)
         ranks, alphas = {}, {}
         for path, factors in found.items():
             _check_importable(path, factors, modules)
+            _check_magnitude(path, factors, dora)
             ranks[path] = factors.rank(path)
             expected = peft_pattern_value(cfg.get("rank_pattern") or {}, path, r)
             if ranks[path] != expected:
@@ -126,6 +131,7 @@ class LoraConverter(PeftConverter):
                 rank_pattern=pattern_names(ranks, r),
                 alpha_pattern=pattern_names(alphas, alpha),
                 modules_to_save=exact_names(universe, list(saved), what="modules_to_save"),
+                dora=dora,
             )
         except InteropError:
             raise
@@ -157,7 +163,7 @@ def _export_fields(
         "fan_in_fan_out": any(is_conv1d(layer.base_layer()) for layer in lora),
         "bias": "none",
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": config.dora,
         "exclude_modules": None,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -176,6 +182,10 @@ def _export_tensors(lora: list[LoraLayer], saved: list[SavedModule]) -> dict[str
             count = _compat.peft_attention_out_count()
             tensors[f"{PREFIX}{layer.path}.{OUT_PROJ}.{a}"] = layer.lora_out_A
             tensors[f"{PREFIX}{layer.path}.{OUT_PROJ}.{b}"] = layer.lora_out_B.detach() / count
+        magnitude = getattr(layer, "lora_magnitude", None)
+        if isinstance(magnitude, torch.Tensor):  # peft keeps a convolution's as (1, out, 1, 1)
+            shape = (1, -1, 1, 1) if isinstance(layer, LoraConv2d) else (-1,)
+            tensors[f"{PREFIX}{layer.path}.{MAGNITUDE_KEY}"] = magnitude.reshape(shape)
     for module in saved:
         for name, tensor in module.trained.state_dict().items():
             tensors[f"{PREFIX}{module.path}.{name}"] = tensor
@@ -287,6 +297,7 @@ class _Factors:
 
     lora_A: torch.Tensor | None = None
     lora_B: torch.Tensor | None = None
+    lora_magnitude: torch.Tensor | None = None
     embedding: bool = False
     out: _Factors | None = None  # an nn.MultiheadAttention's out-projection factors
 
@@ -294,6 +305,8 @@ class _Factors:
         if self.lora_A is None or self.lora_B is None:
             raise InteropError(f"{path}: the adapter has only one of lora_A and lora_B")
         own = {"lora_A": self.lora_A, "lora_B": self.lora_B}
+        if self.lora_magnitude is not None:  # peftkit keeps it as (out,) for every layer type
+            own["lora_magnitude"] = self.lora_magnitude.reshape(-1)
         if self.out is not None:
             out = self.out.tensors(f"{path}.{OUT_PROJ}")
             count = _compat.peft_attention_out_count()  # what peft computed with them
@@ -319,7 +332,7 @@ def _split_tensors(
             rest[name] = tensor
             continue
         found = factors.setdefault(name[: -len(suffix) - 1], _Factors())
-        found.embedding = suffix.startswith("lora_embedding")
+        found.embedding = found.embedding or suffix.startswith("lora_embedding")
         setattr(found, _FACTORS[suffix], tensor)
     return _attention_pairs(factors), rest
 
@@ -375,6 +388,20 @@ def _check_attention(path: str, found: _Factors, base: nn.Module) -> None:
         raise InteropError(
             f"{path}: the out-projection factors have rank {found.out.rank(path)} but the "
             f"in-projection's have rank {found.rank(path)}; peftkit gives both one rank"
+        )
+
+
+def _check_magnitude(path: str, found: _Factors, dora: bool) -> None:
+    has = found.lora_magnitude is not None
+    if dora and found.embedding:
+        raise InteropError(
+            f"{path}: DoRA on an embedding; peftkit's DoRA adapts Linear, GPT-2 Conv1D and Conv2d"
+        )
+    if has != dora:
+        what = "has no lora_magnitude_vector" if dora else "has a lora_magnitude_vector"
+        raise InteropError(
+            f"{path}: the adapter {what} but the config says use_dora={dora}; the file and its "
+            "adapter_config.json do not belong together"
         )
 
 

@@ -28,6 +28,7 @@ from ..layers import AdapterLayer
 from ..registry import register_method
 from ..targeting import check_patterns_match, first_match
 from .base import SwapMethod, apply_with
+from .dora import dora_kind
 from .lora_layers import Init as Init
 from .lora_layers import LoraConv2d as LoraConv2d
 from .lora_layers import LoraEmbedding as LoraEmbedding
@@ -45,6 +46,9 @@ class LoraConfig(TargetedConfig):
     init: ``"kaiming"`` (A Kaiming-uniform, B zero) or ``"gaussian"`` (A ~ N(0, 1/r), B zero).
     rank_pattern / alpha_pattern: per-module overrides, keyed by target patterns
         (name suffix or ``re:<regex>``), e.g. ``rank_pattern={"o_proj": 16}``.
+    dora: DoRA (Liu et al., 2024): the updated weight is renormalised per output feature and
+        scaled by a trained magnitude, W' = m ⊙ (W + s B A) / ‖W + s B A‖ (see ``methods.dora``).
+        Linear, transformers' Conv1D and Conv2d only.
     """
 
     r: int = 8
@@ -54,6 +58,7 @@ class LoraConfig(TargetedConfig):
     init: Init = "kaiming"
     rank_pattern: Mapping[str, int] = field(default_factory=dict)
     alpha_pattern: Mapping[str, float] = field(default_factory=dict)
+    dora: bool = False
 
     train_defaults: ClassVar[TrainDefaults | None] = TrainDefaults(
         lr=1e-3,
@@ -67,8 +72,9 @@ class LoraConfig(TargetedConfig):
         check_probability("dropout", self.dropout)
         if self.init not in ("kaiming", "gaussian"):
             raise ValueError(f"init must be 'kaiming' or 'gaussian', got {self.init!r}")
-        if not isinstance(self.rslora, bool):
-            raise ValueError(f"rslora must be True or False, got {self.rslora!r}")
+        for flag in ("rslora", "dora"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{flag} must be True or False, got {getattr(self, flag)!r}")
         for field_name in ("rank_pattern", "alpha_pattern"):
             value = getattr(self, field_name)
             if not isinstance(value, Mapping):
@@ -112,7 +118,8 @@ class Lora(SwapMethod):
     def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
         cfg = self.config
         inner = module.base_layer() if isinstance(module, AdapterLayer) else module
-        return layer_kind(inner)(
+        kind = dora_kind(module, path) if cfg.dora else layer_kind(inner)
+        return kind(
             module,
             self.adapter_name,
             path,
