@@ -366,7 +366,8 @@ def test_a_refused_adalora_merge_merges_nothing_else() -> None:
     model = _tiny()
     apply_lora(model, targets=["q_proj"], adapter_name="a")
     apply_adalora(model, total_steps=10, targets=["v_proj"], adapter_name="ada")
-    model(torch.randint(50, (2, 6))).sum().backward()  # trained, but no step_hooks
+    for _ in range(3):  # trained past t_init (1 of 10 steps), but no step_hooks
+        model(torch.randint(50, (2, 6))).sum().backward()
     with pytest.raises(RuntimeError, match="its rank allocator never did"):
         peftkit.merge(model, ["a", "ada"])
     assert not any(layer.merged for layer in peftkit.adapters(model)["a"].layers)
