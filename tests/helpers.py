@@ -66,3 +66,22 @@ def pyproject() -> dict[str, Any]:
     root = Path(__file__).resolve().parents[1]
     project: dict[str, Any] = tomllib.loads((root / "pyproject.toml").read_text())["project"]
     return project
+
+
+def _seq2seq_prefix_supported() -> bool:
+    """Whether the installed transformers takes a prefix on encoder-decoder models."""
+    from peftkit import _compat
+
+    try:
+        version = _compat.transformers_version()
+        _compat.check_transformers_version(version, "prefix", _compat.SEQ2SEQ_PREFIX_MIN)
+    except (ImportError, _compat.UnsupportedModelError):
+        return False
+    return True
+
+
+SEQ2SEQ_PREFIX = _seq2seq_prefix_supported()
+# what applying prefix-tuning to an encoder-decoder model says on an older transformers
+SEQ2SEQ_PREFIX_REFUSAL = (
+    r"prefix-tuning on an encoder-decoder model \(\w+\) needs transformers>=5\.24\.0 .*Upgrade"
+)

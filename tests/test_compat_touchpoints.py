@@ -19,7 +19,7 @@ from peftkit import _compat
 from peftkit._compat import UnsupportedModelError
 
 from families import FAMILIES
-from helpers import pyproject
+from helpers import SEQ2SEQ_PREFIX, pyproject
 from zoo import CASES
 
 transformers = pytest.importorskip("transformers")
@@ -281,6 +281,11 @@ def test_peft_attention_out_count_is_found_on_the_installed_peft(
         _compat.peft_attention_out_count.cache_clear()
 
 
+@pytest.mark.skipif(
+    not SEQ2SEQ_PREFIX,
+    reason="on transformers before 5.24 (4.57.1 checked) T5's encoder attention does not put its "
+    "keys through a given cache; encoder-decoder prefixes are refused there",
+)
 @pytest.mark.parametrize("kind", ["t5", "bart"])
 def test_encoder_attention_modules_put_their_keys_through_a_given_cache(kind: str) -> None:
     """Prefix-tuning's encoder prefix: each encoder attention module takes ``cache=`` (its stack

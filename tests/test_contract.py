@@ -24,9 +24,10 @@ from peftkit import (
     MethodConfig,
     PrefixConfig,
 )
+from peftkit._compat import UnsupportedModelError
 from peftkit.registry import spec
 
-from helpers import perturb, snapshot
+from helpers import SEQ2SEQ_PREFIX, SEQ2SEQ_PREFIX_REFUSAL, perturb, snapshot
 from zoo import CASES, Case
 
 # The hand-written models have no preset: adapters go after the layers named here.
@@ -74,6 +75,8 @@ UNSUPPORTED: dict[tuple[str, str], tuple[type[Exception], str]] = {
         r"TinyTransformer: it is not a transformers model\. " + PREFIX_SUPPORTED,
     ),
 }
+if not SEQ2SEQ_PREFIX:  # older transformers: the encoder-decoder prefix is refused, naming why
+    UNSUPPORTED[("prefix", "t5")] = (UnsupportedModelError, SEQ2SEQ_PREFIX_REFUSAL)
 
 BUILTIN = [n for n in peftkit.methods() if spec(n).method_cls.__module__.startswith("peftkit.")]
 # Forms of a registered method that compute something else, each with its own contract config.

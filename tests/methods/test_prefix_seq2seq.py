@@ -18,8 +18,12 @@ from peftkit.interop import InteropError, export_peft
 from peftkit.methods.prefix import Prefix, UnsupportedModelError
 
 from families import FAMILIES
+from helpers import SEQ2SEQ_PREFIX, SEQ2SEQ_PREFIX_REFUSAL
 
 transformers = pytest.importorskip("transformers")
+needs_seq2seq_prefix = pytest.mark.skipif(
+    not SEQ2SEQ_PREFIX, reason="prefix-tuning on encoder-decoder models needs transformers>=5.24.0"
+)
 P = 3
 
 
@@ -56,6 +60,7 @@ def _captured(module: nn.Module, model: nn.Module, **inputs: Any) -> tuple[Any, 
     return seen[0]
 
 
+@needs_seq2seq_prefix
 def test_bart_encoder_attention_attends_over_the_prefix_as_computed_by_hand() -> None:
     """softmax(q [P_k; K]ᵀ / √d) [P_v; V] in the first encoder layer, from its own projections."""
     model = _model("bart")
@@ -79,6 +84,7 @@ def test_bart_encoder_attention_attends_over_the_prefix_as_computed_by_hand() ->
     torch.testing.assert_close(output[0], expected, rtol=1e-5, atol=1e-5)
 
 
+@needs_seq2seq_prefix
 @pytest.mark.parametrize("side", ["encoder", "decoder"])
 def test_t5_relative_bias_between_real_tokens_is_the_base_models(side: str) -> None:
     """With P cached prefix keys, T5 counts them as the P tokens before the input: the bias block
@@ -96,6 +102,7 @@ def test_t5_relative_bias_between_real_tokens_is_the_base_models(side: str) -> N
     torch.testing.assert_close(prefixed[..., P:], base, rtol=0, atol=0)
 
 
+@needs_seq2seq_prefix
 @pytest.mark.parametrize(("after", "first"), [(False, 0), (True, P)])
 def test_bart_decoder_positions_do_not_shift_for_the_prefix(after: bool, first: int) -> None:
     """The decoder numbers positions from the cache length, which holds the prefix; peftkit takes
@@ -114,6 +121,7 @@ def test_bart_decoder_positions_do_not_shift_for_the_prefix(after: bool, first: 
     assert [int(p.reshape(-1)[0]) for p in seen] == [first, first + 1, first + 2]
 
 
+@needs_seq2seq_prefix
 def test_a_prefilled_cross_attention_cache_skips_the_encoder_so_the_prefix_is_seeded_unflagged() -> (
     None
 ):
@@ -148,6 +156,7 @@ def test_a_prefilled_cross_attention_cache_skips_the_encoder_so_the_prefix_is_se
     assert (one - two).abs().max() > 1e-3, "the source made no difference"
 
 
+@needs_seq2seq_prefix
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_a_saved_prefix_generates_the_same_tokens_and_scores_after_loading(
     name: str, tmp_path: Path
@@ -165,6 +174,7 @@ def test_a_saved_prefix_generates_the_same_tokens_and_scores_after_loading(
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@needs_seq2seq_prefix
 @pytest.mark.parametrize("name", ["t5", "bart"])
 def test_training_the_prefix_lowers_the_loss(name: str) -> None:
     model = _model(name, init_std=0.02)
@@ -181,6 +191,7 @@ def test_training_the_prefix_lowers_the_loss(name: str) -> None:
     assert losses[-1] < losses[0] - 0.03, losses
 
 
+@needs_seq2seq_prefix
 def test_two_prefix_adapters_on_one_model_are_concatenated() -> None:
     model = _model("t5")
     peftkit.apply_prefix(model, prefix_length=2, init_std=1.0, adapter_name="other")
@@ -200,6 +211,7 @@ def test_two_prefix_adapters_on_one_model_are_concatenated() -> None:
         )
 
 
+@needs_seq2seq_prefix
 def test_a_cache_the_base_model_filled_is_refused() -> None:
     model = FAMILIES["t5"].build()
     ids, decoder_ids = _ids()
@@ -210,6 +222,7 @@ def test_a_cache_the_base_model_filled_is_refused() -> None:
         model(input_ids=ids, decoder_input_ids=decoder_ids[:, -1:], cache=cache)
 
 
+@needs_seq2seq_prefix
 def test_init_token_ids_is_refused_on_an_encoder_decoder_model() -> None:
     model = FAMILIES["t5"].build()
     with pytest.raises(UnsupportedModelError, match="initialise the prefix randomly"):
@@ -217,8 +230,19 @@ def test_init_token_ids_is_refused_on_an_encoder_decoder_model() -> None:
     assert not peftkit.adapters(model)
 
 
+@needs_seq2seq_prefix
 def test_export_to_peft_is_refused_naming_the_layouts(tmp_path: Path) -> None:
     model = _model("t5")
     with pytest.raises(InteropError, match="decoder's self-attention only .* layouts differ"):
         export_peft(model, tmp_path, task_type="SEQ_2_SEQ_LM")
     assert not any(tmp_path.iterdir())
+
+
+def test_an_older_transformers_refuses_encoder_decoder_prefixes_naming_the_version(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    model = FAMILIES["bart"].build()
+    monkeypatch.setattr(_compat, "transformers_version", lambda: "5.0.0")
+    with pytest.raises(UnsupportedModelError, match=SEQ2SEQ_PREFIX_REFUSAL):
+        peftkit.apply_prefix(model, prefix_length=2)
+    assert not peftkit.adapters(model)

@@ -210,6 +210,11 @@ def locate_seq2seq(model: nn.Module) -> tuple[Seq2SeqPlaces, KVShape]:
             f"prefix-tuning cannot handle {name}: no attention module of its encoder "
             f"{type(encoder).__name__} takes a cache argument, so there is no place for a prefix"
         )
+    check_transformers_version(
+        _compat.transformers_version(),
+        f"prefix-tuning on an encoder-decoder model ({name})",
+        _compat.SEQ2SEQ_PREFIX_MIN,
+    )
     places = Seq2SeqPlaces(encoder, attentions, decoder, _compat.learned_positions(decoder), 0)
     return places, _probe(model, places)
 
