@@ -112,7 +112,7 @@ def bias_below(layer: AdapterLayer) -> torch.Tensor | None:
     return bias
 
 
-def rescale(layer: DoraLinear | DoraConv2d, z: torch.Tensor, channel_dims: int) -> torch.Tensor:
+def rescale(layer: _Dora, z: torch.Tensor, channel_dims: int) -> torch.Tensor:
     """(m / n) ⊙ (z - b) + b for z = base(x) + s B A x, b the bias below (unscaled).
 
     Written as z + z ⊙ d - d ⊙ b with d = m/n - 1, cast to z's dtype: in 16 bits d keeps the
@@ -135,7 +135,7 @@ def init_magnitude(layer: LoraLayer) -> nn.Parameter:
     return nn.Parameter(norms.to(device=layer.lora_A.device, dtype=layer.lora_A.dtype))
 
 
-def dora_merged_weight(layer: DoraLinear | DoraConv2d, weight: torch.Tensor) -> torch.Tensor:
+def dora_merged_weight(layer: _Dora, weight: torch.Tensor) -> torch.Tensor:
     """(m / ‖W + s B A‖) ⊙ (W + s B A) in ``weight``'s layout and dtype, formed directly."""
     rows = weight_rows(layer, weight)
     dtype = _wide_dtype(rows)
@@ -148,14 +148,11 @@ def dora_merged_weight(layer: DoraLinear | DoraConv2d, weight: torch.Tensor) -> 
     return back.to(dtype=weight.dtype)
 
 
-class DoraLinear(LoraLinear):
-    """y = (m / n) ⊙ (base(x) - b + s B A dropout(x)) + b;  x: (..., in), y: (..., out).
+class _Dora(LoraLayer):
+    """What both DoRA layers share: the magnitude m, and a merge that reads W.
 
-    n = ‖W + s B A‖ per output feature (detached), m: (out,) ``lora_magnitude``, b the base bias
-    (not scaled). Dropout acts on the low-rank path only. Wraps nn.Linear and transformers' Conv1D.
     Not additive (it rescales what the stack below computes), and its merge reads W, so merging
-    keeps the weight it replaces and unmerging restores it exactly.
-    """
+    keeps the weight it replaces and unmerging restores it exactly."""
 
     additive = False
     weight_independent = False
@@ -164,6 +161,24 @@ class DoraLinear(LoraLinear):
     def init_factors(self, init: Init) -> None:
         super().init_factors(init)
         self.lora_magnitude = init_magnitude(self)
+
+    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        return dora_merged_weight(self, weight)
+
+    def delta_weight(self) -> torch.Tensor:
+        weight = self.weight_below()
+        return self.merged_weight(weight) - weight
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, dora=True"
+
+
+class DoraLinear(_Dora, LoraLinear):
+    """y = (m / n) ⊙ (base(x) - b + s B A dropout(x)) + b;  x: (..., in), y: (..., out).
+
+    n = ‖W + s B A‖ per output feature (detached), m: (out,) ``lora_magnitude``, b the base bias
+    (not scaled). Dropout acts on the low-rank path only. Wraps nn.Linear and transformers' Conv1D.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
@@ -176,43 +191,15 @@ class DoraLinear(LoraLinear):
         y = rescale(self, _add_scaled(y, h, self, private), 0)
         return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return dora_merged_weight(self, weight)
 
-    def delta_weight(self) -> torch.Tensor:
-        weight = self.weight_below()
-        return self.merged_weight(weight) - weight
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, dora=True"
-
-
-class DoraConv2d(LoraConv2d):
+class DoraConv2d(_Dora, LoraConv2d):
     """y = (m / n) ⊙ (base(x) - b + s conv1x1_B(conv_A(dropout(x)))) + b, per output channel.
 
     x: (N, in, H, W); n = ‖W + s B A‖ over (in, kh, kw) per output channel (detached); m: (out,).
     """
-
-    additive = False
-    weight_independent = False
-    lora_magnitude: nn.Parameter  # m: (out,), set with the factors
-
-    def init_factors(self, init: Init) -> None:
-        super().init_factors(init)
-        self.lora_magnitude = init_magnitude(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
             out: torch.Tensor = self.base(x)
             return out
         return rescale(self, super().forward(x), 2)
-
-    def merged_weight(self, weight: torch.Tensor) -> torch.Tensor:
-        return dora_merged_weight(self, weight)
-
-    def delta_weight(self) -> torch.Tensor:
-        weight = self.weight_below()
-        return self.merged_weight(weight) - weight
-
-    def extra_repr(self) -> str:
-        return f"{super().extra_repr()}, dora=True"
