@@ -19,7 +19,6 @@ again. Nothing here subclasses or patches a transformers class.
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -29,6 +28,7 @@ from ... import _compat
 from ..._compat import UnsupportedModelError, check_transformers_version
 from ...layers import AdapterModule
 from .discovery import locate
+from .marks import MARK, CacheMark, cache_mark, drop_created_cache
 from .seq2seq import EncoderDecoderInjector
 from .table import KVShape, PrefixTable
 
@@ -38,7 +38,6 @@ __all__ = ["UnsupportedModelError", "check_transformers_version", "locate"]
 # (oldest (major, minor, patch), newest or None): the declared window, kept in _compat.
 TRANSFORMERS_RANGE = (_compat.TRANSFORMERS_MIN, None)
 ATTR = "peftkit_prefix"
-_MARK = "_peftkit_prefix"
 
 CHECKPOINTING_ERROR = (
     "prefix-tuning feeds its prefix to attention through the KV cache, and transformers' activation "
@@ -74,23 +73,6 @@ def located(model: nn.Module) -> tuple[nn.Module, KVShape, bool]:
     if not tables:
         return locate(model)
     return body, tables[0].shape, injector.encoder
-
-
-@dataclass
-class CacheMark:
-    """Stored on a cache that holds a prefix: which adapters' prefixes (name, length), in order."""
-
-    signature: tuple[tuple[str, int], ...]
-    fresh: bool  # created by the hook in the current call (not passed in by the caller)
-
-    @property
-    def length(self) -> int:
-        return sum(n for _, n in self.signature)
-
-
-def cache_mark(cache: object) -> CacheMark | None:
-    mark = getattr(cache, _MARK, None)
-    return mark if isinstance(mark, CacheMark) else None
 
 
 class PrefixInjector(AdapterModule):
@@ -188,15 +170,7 @@ class PrefixInjector(AdapterModule):
     ) -> Any:
         """Drop a cache the hook created from the output when the caller asked for no cache."""
         mark = cache_mark(kwargs.get(self.cache_arg))
-        if mark is None or not mark.fresh:
-            return None
-        mark.fresh = False
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(body.config, "use_cache", False)
-        if use_cache or _compat.output_cache(output) is None:
-            return None
-        return _compat.without_cache(output)
+        return drop_created_cache(mark, kwargs, body.config, output)
 
     # -- helpers -----------------------------------------------------------------------------
     def _named(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -231,7 +205,7 @@ class PrefixInjector(AdapterModule):
         kv = active[0]() if len(active) == 1 else torch.cat([t() for t in active], dim=3)
         for i in range(kv.shape[0]):
             cache.update(kv[i, 0].expand(batch, -1, -1, -1), kv[i, 1].expand(batch, -1, -1, -1), i)
-        setattr(cache, _MARK, CacheMark(signature, fresh))
+        setattr(cache, MARK, CacheMark(signature, fresh))
         return cache, 0, int(kv.shape[3])
 
     def _mask(

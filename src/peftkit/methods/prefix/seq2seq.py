@@ -22,7 +22,6 @@ cross-attention (``E+D … E+2D−1``), E and D the encoder's and decoder's laye
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -32,22 +31,10 @@ from ... import _compat
 from ..._compat import UnsupportedModelError
 from ...layers import AdapterModule
 from .discovery import Seq2SeqPlaces, locate_seq2seq
+from .marks import MARK, CacheMark, cache_mark, drop_created_cache
 from .table import PrefixTable
 
 ATTR = "peftkit_prefix"
-_MARK = "_peftkit_prefix"
-
-
-@dataclass
-class Seq2SeqMark:
-    """Stored on a cache that holds the decoder's prefix: which adapters' (name, length), in order."""
-
-    signature: tuple[tuple[str, int], ...]
-    fresh: bool
-
-    @property
-    def length(self) -> int:
-        return sum(n for _, n in self.signature)
 
 
 class EncoderDecoderInjector(AdapterModule):
@@ -150,10 +137,10 @@ class EncoderDecoderInjector(AdapterModule):
     ) -> tuple[tuple[Any, ...], dict[str, Any]] | None:
         named = _named(decoder, args, kwargs)
         given = _compat.take_cache(named)
-        mark = getattr(given, _MARK, None)
+        mark = cache_mark(given)
         active = self.active()
         if not active:
-            if isinstance(mark, Seq2SeqMark):
+            if mark is not None:
                 raise RuntimeError(
                     f"the KV cache holds the prefix of {[n for n, _ in mark.signature]}, but no "
                     f"prefix adapter is active; start a new cache ({self.cache_arg}=None)"
@@ -185,23 +172,15 @@ class EncoderDecoderInjector(AdapterModule):
     ) -> Any:
         """Drop a cache the hook created from the output when the caller asked for no cache."""
         self.shift = 0
-        mark = getattr(kwargs.get(self.cache_arg), _MARK, None)
-        if not isinstance(mark, Seq2SeqMark) or not mark.fresh:
-            return None
-        mark.fresh = False
-        use_cache = kwargs.get("use_cache")
-        if use_cache is None:
-            use_cache = getattr(decoder.config, "use_cache", False)
-        if use_cache or _compat.output_cache(output) is None:
-            return None
-        return _compat.without_cache(output)
+        mark = cache_mark(kwargs.get(self.cache_arg))
+        return drop_created_cache(mark, kwargs, decoder.config, output)
 
     def _cache(
         self, cache: Any, mark: Any, active: list[PrefixTable], batch: int
     ) -> tuple[Any, int, int]:
         """The cache holding the decoder's prefixes, the real tokens already in it, the prefix length."""
         signature = self.signature(active)
-        if isinstance(mark, Seq2SeqMark):
+        if mark is not None:
             if mark.signature != signature:
                 raise RuntimeError(
                     f"the KV cache holds the prefixes {list(mark.signature)}, but the active prefix "
@@ -221,7 +200,7 @@ class EncoderDecoderInjector(AdapterModule):
             cache.cross_attention_cache.update(
                 _batched(cross[0], batch), _batched(cross[1], batch), i
             )
-        setattr(cache, _MARK, Seq2SeqMark(signature, fresh))
+        setattr(cache, MARK, CacheMark(signature, fresh))
         return cache, 0, int(kv.shape[3])
 
     # -- positions -------------------------------------------------------------------------
