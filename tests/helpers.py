@@ -34,13 +34,14 @@ def has_adapter_layers(model: nn.Module) -> bool:
 def temporarily_registered(name: str, config_cls: type, method_cls: type) -> Iterator[None]:
     """Register a test-only method for the duration of a test, then remove it again, so it does
     not leak into tests that walk every registered method (the demo, the contract)."""
-    from peftkit import registry
+    from peftkit import _keywords, registry
 
     registry.register_method(name, config_cls, override=True)(method_cls)
     try:
         yield
     finally:
         registry._BY_NAME.pop(name, None)
+        _keywords.REGISTERED_CONFIGS.pop(name, None)
 
 
 class OutputShapes(TorchFunctionMode):

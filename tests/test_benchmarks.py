@@ -170,6 +170,42 @@ def test_quality_smoke_trains_and_scores_every_method(tmp_path: Path) -> None:
         assert results["peft lora"]["trainable"] == results["lora"]["trainable"]
 
 
+def test_quality_runs_split_by_seed_pool_into_the_same_table(tmp_path: Path) -> None:
+    # Seed s fixes the head, the method's init and the batch order: seed 1 run alone equals seed 1
+    # of a two-seed run, and --combine pools separate runs into one row per label.
+    data = sst2_like_dir(tmp_path / "sst2")
+    model = tiny_bert_dir(tmp_path / "bert")
+    common = ["--smoke", "--data", str(data), "--model", str(model), "--methods", "lora"]
+    run("quality.py", *common, "--seeds", "2", "--out", str(tmp_path / "both"))
+    run("quality.py", *common, "--seed", "1", "--out", str(tmp_path / "one"))
+    run("quality.py", *common, "--set", "lora.r=2", "--out", str(tmp_path / "r2"))
+    both = read(tmp_path / "both" / "quality-smoke.json")["results"]["lora"]["per_seed"]
+    one = read(tmp_path / "one" / "quality-smoke.json")["results"]["lora"]["per_seed"]
+    assert [r["seed"] for r in both] == [0, 1] and [r["seed"] for r in one] == [1]
+    for key in ("loss_end", "dev_accuracy"):
+        assert one[0][key] == both[1][key]
+
+    seed0 = read(tmp_path / "both" / "quality-smoke.json")
+    seed0["results"]["lora"]["per_seed"] = both[:1]
+    (tmp_path / "seed0.json").write_text(json.dumps(seed0))
+    files = [tmp_path / "seed0.json", tmp_path / "one" / "quality-smoke.json"]
+    files.append(tmp_path / "r2" / "quality-smoke.json")
+    out = run("quality.py", "--combine", *map(str, files), "--out", str(tmp_path / "pooled"))
+    pooled = read(tmp_path / "pooled" / "quality.json")["results"]
+    assert set(pooled) == {"lora", "lora (r=2)"} and "lora (r=2)" in out
+    assert pooled["lora"]["seeds"] == [0, 1]
+    assert pooled["lora"]["dev_accuracies"] == [both[0]["dev_accuracy"], one[0]["dev_accuracy"]]
+
+    twice = [str(tmp_path / "one" / "quality-smoke.json")] * 2
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "quality.py"), "--combine", *twice],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode != 0 and "seed 1 appears twice" in done.stderr
+
+
 def test_quality_names_missing_data_files(tmp_path: Path) -> None:
     done = subprocess.run(
         [

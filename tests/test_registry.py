@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from torch import nn
 import peftkit
 from peftkit import AdapterLayer, SwapMethod, TargetedConfig, register_method
 
-from helpers import has_adapter_layers, perturb
+from helpers import has_adapter_layers, perturb, temporarily_registered
 from zoo import TinyTransformer
 
 
@@ -42,13 +43,21 @@ class GainLayer(AdapterLayer):
         return self.gain.detach() * self.base_layer().weight.detach()
 
 
-@register_method("test-gain", GainConfig)
 class Gain(SwapMethod):
     supported = (nn.Linear,)
     config: GainConfig
 
     def wrap(self, module: nn.Module, path: str) -> AdapterLayer:
         return GainLayer(module, self.adapter_name, path, self.config.init)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _gain_registered() -> Iterator[None]:
+    # Registered the way a third-party module does it, for this module's tests only: a method
+    # left in the registry would reach every later test that walks all registered methods.
+    with temporarily_registered("test-gain", GainConfig, Gain):
+        yield
+    assert "test-gain" not in peftkit.methods()
 
 
 def _ids() -> torch.Tensor:
