@@ -1,4 +1,4 @@
-"""Every touch point between peftkit and transformers' internals (src/peftkit/_compat.py), checked on
+"""Every touch point between peftkit and transformers' internals (src/peftkit/_compat/), checked on
 the installed transformers. A failure here names the version and the piece that moved, before any
 feature test fails for a reason that is harder to read."""
 
@@ -27,7 +27,7 @@ VERSION = transformers.__version__
 
 
 def _where(piece: str) -> str:
-    return f"transformers {VERSION}: {piece} (see src/peftkit/_compat.py)"
+    return f"transformers {VERSION}: {piece} (see src/peftkit/_compat/)"
 
 
 @pytest.mark.parametrize("kind", ["gpt2", "llama", "bert"])
@@ -192,7 +192,7 @@ def test_declared_tied_keys_are_read_in_either_form() -> None:
     model = CASES["gpt2"].build()
     declared = type(model)._tied_weights_keys
     assert declared, _where("GPT2LMHeadModel._tied_weights_keys")
-    assert "lm_head" in _compat._tied_names(model), _where("_tied_weights_keys keys")
+    assert "lm_head" in _compat.models._tied_names(model), _where("_tied_weights_keys keys")
 
 
 def test_save_pretrained_writes_the_state_dict_it_is_given(tmp_path: Path) -> None:
@@ -269,7 +269,7 @@ def test_peft_attention_out_count_is_found_on_the_installed_peft(
     peft = pytest.importorskip("peft")
     release = tuple(int(n) for n in re.findall(r"\d+", peft.__version__)[:3])
     count = _compat.peft_attention_out_count()
-    where = f"peft {peft.__version__}: LoRA on nn.MultiheadAttention (see src/peftkit/_compat.py)"
+    where = f"peft {peft.__version__}: LoRA on nn.MultiheadAttention (see src/peftkit/_compat/)"
     assert count in (1, 2), where
     if release <= (0, 21, 2):  # its merge adds the update twice
         assert count == 2, where
