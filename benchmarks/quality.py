@@ -45,16 +45,24 @@ from contestants import demo_config
 from torch import nn
 
 import peftkit
-from peftkit.registry import spec
-from peftkit.training.defaults import FALLBACK_LR
+from peftkit.training.defaults import FALLBACK_LR, method_lrs
 
 HEAD = "classifier"  # BERT/RoBERTa sequence-classification head in transformers
 
 
-def method_lr(name: str) -> float:
-    """The lr the registered method ``name`` declares: what the Trainer would use for it."""
-    declared = spec(name).config_cls.train_defaults if name in peftkit.methods() else None
+def method_lr(name: str, steps: int = 200) -> float:
+    """The lr method ``name``'s demo config declares: what the Trainer would use for it."""
+    if name not in peftkit.methods():
+        return FALLBACK_LR
+    declared = demo_config(name, steps).training_defaults()
     return declared.lr if declared is not None else FALLBACK_LR
+
+
+def applied_lr(model: nn.Module, name: str) -> float:
+    """The lr the Trainer would take for ``model`` as set up (its adapters' configs, ``--set``
+    included); a model without peftkit adapters (peft's twin) takes method ``name``'s."""
+    declared = [lr for lr in method_lrs(model).values() if lr is not None]
+    return min(declared) if declared else method_lr(name)
 
 
 @dataclass
@@ -263,7 +271,7 @@ def run_one(
 ) -> dict[str, Any]:
     model, params = setup(copy.deepcopy(template))
     total = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-    lr = args.lr or method_lr(name)
+    lr = args.lr or applied_lr(model, name)
     stream = batches(data.train, tokenizer, args.batch, seed)
     start = time.perf_counter()
     losses = train(model, params, stream, args.steps, lr)

@@ -48,6 +48,23 @@ def test_one_method_gives_its_default() -> None:
     assert resolve(full, TrainConfig())[0].lr == 5e-5
 
 
+def test_a_config_whose_rate_depends_on_its_fields_answers_per_instance() -> None:
+    # The plain prefix and the prefix through an MLP want different rates; the Trainer asks the
+    # config on the model, not its class.
+    plain = peftkit.PrefixConfig()
+    mlp = peftkit.PrefixConfig(mlp_hidden=32)
+    assert plain.training_defaults() is peftkit.PrefixConfig.train_defaults
+    assert plain.training_defaults().lr == 3e-2  # type: ignore[union-attr]
+    assert mlp.training_defaults() is peftkit.PrefixConfig.mlp_train_defaults
+    assert mlp.training_defaults().lr == 3e-3
+    for config, lr in ((plain, 3e-2), (mlp, 3e-3)):
+        model = peftkit.apply_prefix(_bert(), config)
+        resolved, line = resolve(model, TrainConfig())
+        assert resolved.lr == lr and line is not None and f"lr={lr:g} (default for prefix)" in line
+    # Every other config answers with its class's declaration.
+    assert peftkit.LoraConfig().training_defaults() is peftkit.LoraConfig.train_defaults
+
+
 def test_an_explicit_lr_wins_untouched() -> None:
     config = TrainConfig(lr=0.02, max_steps=3)
     resolved, line = resolve(lora_bert(), config)
@@ -61,7 +78,7 @@ def test_methods_that_disagree_give_the_smallest_and_name_each() -> None:
     config, line = resolve(model, TrainConfig())
     assert config.lr == 1e-3
     assert line == (
-        "lr=0.001 (the smallest of the methods' defaults: lora 0.001, ia3 0.003); "
+        "lr=0.001 (the smallest of the methods' defaults: lora 0.001, ia3 0.03); "
         "set TrainConfig(lr=...) to choose another"
     )
 

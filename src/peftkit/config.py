@@ -107,6 +107,11 @@ class MethodConfig:
     # version did (before train_head existed no head trained unless listed in modules_to_save).
     absent_means: ClassVar[dict[str, Any]] = {"train_head": False}
 
+    def training_defaults(self) -> TrainDefaults | None:
+        """The training settings this config wants: its class's ``train_defaults``. A method whose
+        best rate depends on its fields (prefix-tuning with or without its MLP) overrides this."""
+        return self.train_defaults
+
     def __new__(cls: type[C], *args: Any, **fields: Any) -> C:
         """Refuse keywords the class has no field for, naming the field to use instead.
 

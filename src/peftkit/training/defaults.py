@@ -1,7 +1,8 @@
 """The learning rate of a run whose ``TrainConfig`` leaves ``lr`` unset: the methods' own default.
 
 Each method's config class declares ``train_defaults`` (a ``TrainDefaults``): the lr it is known to
-want (LoRA's 1e-3 is a hundred times full fine-tuning's 5e-5). ``resolve`` reads them from the
+want (LoRA's 1e-3 is twenty times full fine-tuning's 5e-5); a config whose rate depends on its
+fields answers through ``MethodConfig.training_defaults()``. ``resolve`` reads them from the
 adapters on the model when the Trainer starts a run:
 
 - an explicit ``TrainConfig(lr=...)`` always wins, untouched;
@@ -31,7 +32,7 @@ def method_lrs(model: nn.Module) -> dict[str, float | None]:
     """``{method name: its declared default lr, or None}`` for ``model``'s adapters, in order."""
     out: dict[str, float | None] = {}
     for method in adapters(model).values():
-        declared = type(method.config).train_defaults
+        declared = method.config.training_defaults()
         out.setdefault(method.name, declared.lr if declared is not None else None)
     return out
 
