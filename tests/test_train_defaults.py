@@ -56,8 +56,8 @@ def test_a_config_whose_rate_depends_on_its_fields_answers_per_instance() -> Non
     assert plain.training_defaults() is peftkit.PrefixConfig.train_defaults
     assert plain.training_defaults().lr == 3e-2  # type: ignore[union-attr]
     assert mlp.training_defaults() is peftkit.PrefixConfig.mlp_train_defaults
-    assert mlp.training_defaults().lr == 3e-3
-    for config, lr in ((plain, 3e-2), (mlp, 3e-3)):
+    assert mlp.training_defaults().lr == 5e-3
+    for config, lr in ((plain, 3e-2), (mlp, 5e-3)):
         model = peftkit.apply_prefix(_bert(), config)
         resolved, line = resolve(model, TrainConfig())
         assert resolved.lr == lr and line is not None and f"lr={lr:g} (default for prefix)" in line
