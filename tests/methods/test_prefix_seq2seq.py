@@ -223,6 +223,17 @@ def test_a_cache_the_base_model_filled_is_refused() -> None:
 
 
 @needs_seq2seq_prefix
+def test_a_prefix_cache_is_refused_once_the_active_prefixes_change() -> None:
+    model = _model("t5")
+    ids, decoder_ids = _ids()
+    with torch.no_grad():
+        cache = model(input_ids=ids, decoder_input_ids=decoder_ids, use_cache=True).cache
+    peftkit.apply_prefix(model, prefix_length=2, adapter_name="other")
+    with pytest.raises(RuntimeError, match=r"holds the prefixes \[\('default', 3\)\].*start a new"):
+        model(input_ids=ids, decoder_input_ids=decoder_ids[:, -1:], cache=cache)
+
+
+@needs_seq2seq_prefix
 def test_init_token_ids_is_refused_on_an_encoder_decoder_model() -> None:
     model = FAMILIES["t5"].build()
     with pytest.raises(UnsupportedModelError, match="initialise the prefix randomly"):

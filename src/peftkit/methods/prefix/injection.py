@@ -28,7 +28,7 @@ from ... import _compat
 from ..._compat import UnsupportedModelError, check_transformers_version
 from ...layers import AdapterModule
 from .discovery import locate
-from .marks import MARK, CacheMark, cache_mark, drop_created_cache
+from .marks import MARK, CacheMark, cache_mark, continue_marked, drop_created_cache, signature_of
 from .seq2seq import EncoderDecoderInjector
 from .table import KVShape, PrefixTable
 
@@ -189,14 +189,9 @@ class PrefixInjector(AdapterModule):
         batch: int,
     ) -> tuple[Any, int, int]:
         """The cache to use (holding the prefix), the real tokens already in it, the prefix length."""
-        signature = tuple((t.adapter_name, t.length) for t in active)
+        signature = signature_of(active)
         if mark is not None:
-            if mark.signature != signature:
-                raise RuntimeError(
-                    f"the KV cache holds the prefixes {list(mark.signature)}, but the active prefix "
-                    f"adapters are {list(signature)}; start a new cache ({self.cache_arg}=None)"
-                )
-            return cache, cache.get_seq_length() - mark.length, mark.length
+            return continue_marked(cache, mark, signature, self.cache_arg)
         fresh = cache is None
         if fresh:
             cache = _compat.new_dynamic_cache(getattr(body, "config", None))

@@ -7,6 +7,7 @@ the caller asked for none.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -30,6 +31,24 @@ class CacheMark:
 def cache_mark(cache: object) -> CacheMark | None:
     mark = getattr(cache, MARK, None)
     return mark if isinstance(mark, CacheMark) else None
+
+
+def signature_of(active: Sequence[Any]) -> tuple[tuple[str, int], ...]:
+    """The mark's signature for these active prefix tables: (adapter name, length), in order."""
+    return tuple((t.adapter_name, t.length) for t in active)
+
+
+def continue_marked(
+    cache: Any, mark: CacheMark, signature: tuple[tuple[str, int], ...], cache_arg: str
+) -> tuple[Any, int, int]:
+    """A cache this hook filled before, continued: (the cache, the real tokens already in it, the
+    prefix length). A cache holding other adapters' prefixes is refused."""
+    if mark.signature != signature:
+        raise RuntimeError(
+            f"the KV cache holds the prefixes {list(mark.signature)}, but the active prefix "
+            f"adapters are {list(signature)}; start a new cache ({cache_arg}=None)"
+        )
+    return cache, cache.get_seq_length() - mark.length, mark.length
 
 
 def drop_created_cache(

@@ -31,7 +31,7 @@ from ... import _compat
 from ..._compat import UnsupportedModelError
 from ...layers import AdapterModule
 from .discovery import Seq2SeqPlaces, locate_seq2seq
-from .marks import MARK, CacheMark, cache_mark, drop_created_cache
+from .marks import MARK, CacheMark, cache_mark, continue_marked, drop_created_cache, signature_of
 from .table import PrefixTable
 
 ATTR = "peftkit_prefix"
@@ -99,9 +99,6 @@ class EncoderDecoderInjector(AdapterModule):
     # -- the prefix --------------------------------------------------------------------------
     def active(self) -> list[PrefixTable]:
         return [t for t in self.tables.values() if isinstance(t, PrefixTable) and t.active]
-
-    def signature(self, active: list[PrefixTable]) -> tuple[tuple[str, int], ...]:
-        return tuple((t.adapter_name, t.length) for t in active)
 
     @staticmethod
     def table(active: list[PrefixTable]) -> torch.Tensor:
@@ -179,14 +176,9 @@ class EncoderDecoderInjector(AdapterModule):
         self, cache: Any, mark: Any, active: list[PrefixTable], batch: int
     ) -> tuple[Any, int, int]:
         """The cache holding the decoder's prefixes, the real tokens already in it, the prefix length."""
-        signature = self.signature(active)
+        signature = signature_of(active)
         if mark is not None:
-            if mark.signature != signature:
-                raise RuntimeError(
-                    f"the KV cache holds the prefixes {list(mark.signature)}, but the active prefix "
-                    f"adapters are {list(signature)}; start a new cache ({self.cache_arg}=None)"
-                )
-            return cache, cache.get_seq_length() - mark.length, mark.length
+            return continue_marked(cache, mark, signature, self.cache_arg)
         fresh = cache is None
         if fresh:
             cache = _compat.new_encoder_decoder_cache(self.places.decoder.config)
